@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: free ports, real peer processes, shared reference data."""
