@@ -1,1 +1,1 @@
-"""Helpers shared by the tests: free ports, real peer processes, shared reference data."""
+"""Helpers shared by the tests: free ports, real peers, shared reference data."""

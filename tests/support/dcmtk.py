@@ -62,7 +62,11 @@ def storescu(
     else:
         args += ["127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(
-        args, env=dcmtk_env(), capture_output=True, text=True, timeout=timeout,
+        args,
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         check=False,
     )
 
@@ -77,21 +81,46 @@ def dcmsend(
     timeout: float = 120,
 ) -> subprocess.CompletedProcess:
     """Send ``files`` with dcmtk's dcmsend, which can send any transfer syntax as is."""
-    args = [dcmtk_tool("dcmsend"), "-aet", calling, "-aec", called, *extra,
-            "127.0.0.1", str(port), *map(str, files)]
+    args = [
+        dcmtk_tool("dcmsend"),
+        "-aet",
+        calling,
+        "-aec",
+        called,
+        *extra,
+        "127.0.0.1",
+        str(port),
+        *map(str, files),
+    ]
     return subprocess.run(
-        args, env=dcmtk_env(), capture_output=True, text=True, timeout=timeout,
+        args,
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         check=False,
     )
 
 
-def echoscu(port: int, *, called: str = "JMIXBRIDGE", calling: str = "MODALITY"
-            ) -> subprocess.CompletedProcess:
+def echoscu(
+    port: int, *, called: str = "JMIXBRIDGE", calling: str = "MODALITY"
+) -> subprocess.CompletedProcess:
     """Send one C-ECHO with dcmtk's echoscu."""
-    args = [dcmtk_tool("echoscu"), "-aet", calling, "-aec", called,
-            "127.0.0.1", str(port)]
+    args = [
+        dcmtk_tool("echoscu"),
+        "-aet",
+        calling,
+        "-aec",
+        called,
+        "127.0.0.1",
+        str(port),
+    ]
     return subprocess.run(
-        args, env=dcmtk_env(), capture_output=True, text=True, timeout=30,
+        args,
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
         check=False,
     )
 
@@ -99,16 +128,29 @@ def echoscu(port: int, *, called: str = "JMIXBRIDGE", calling: str = "MODALITY"
 class StoreSCP:
     """A running dcmtk storescp that writes what it receives, bit-preserving."""
 
-    def __init__(self, folder: Path, ae_title: str = "PACS", extra: tuple[str, ...] = ()):
+    def __init__(
+        self, folder: Path, ae_title: str = "PACS", extra: tuple[str, ...] = ()
+    ):
         self.folder = folder
         self.ae_title = ae_title
         self.port = free_port()
         folder.mkdir(parents=True, exist_ok=True)
         self._log = open(folder.parent / f"storescp-{self.port}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [dcmtk_tool("storescp"), "-aet", ae_title, "+xa", "+B", "-od",
-             str(folder), *extra, str(self.port)],
-            env=dcmtk_env(), stdout=self._log, stderr=subprocess.STDOUT,
+            [
+                dcmtk_tool("storescp"),
+                "-aet",
+                ae_title,
+                "+xa",
+                "+B",
+                "-od",
+                str(folder),
+                *extra,
+                str(self.port),
+            ],
+            env=dcmtk_env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         wait_for_port(self.port)
 

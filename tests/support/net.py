@@ -12,7 +12,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(check: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
+def wait_until(
+    check: Callable[[], bool], timeout: float = 20.0, what: str = ""
+) -> None:
     """Poll ``check`` every 50 ms until it returns true; raise after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

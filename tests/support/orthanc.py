@@ -57,14 +57,17 @@ class Orthanc:
         self._log = open(folder / "stdout.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [binary, f"--logdir={folder / 'log'}", str(config_path)],
-            env=dcmtk_env(), stdout=self._log, stderr=subprocess.STDOUT,
+            env=dcmtk_env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         wait_until(self._answers, timeout=60, what="Orthanc REST API")
 
     def _answers(self) -> bool:
         if self.proc.poll() is not None:
-            raise RuntimeError(f"Orthanc exited with {self.proc.returncode}; "
-                               f"see {self.folder / 'log'}")
+            raise RuntimeError(
+                f"Orthanc exited with {self.proc.returncode}; see {self.folder / 'log'}"
+            )
         try:
             self.get("/system")
             return True
@@ -73,14 +76,14 @@ class Orthanc:
 
     def get(self, path: str):
         """GET ``path`` from the REST API and return the decoded JSON."""
-        with urllib.request.urlopen(  # noqa: S310 (loopback only)
+        with urllib.request.urlopen(
             f"http://127.0.0.1:{self.http_port}{path}", timeout=10
         ) as resp:
             return json.loads(resp.read())
 
     def get_bytes(self, path: str) -> bytes:
         """GET ``path`` from the REST API and return the raw body."""
-        with urllib.request.urlopen(  # noqa: S310 (loopback only)
+        with urllib.request.urlopen(
             f"http://127.0.0.1:{self.http_port}{path}", timeout=30
         ) as resp:
             return resp.read()
@@ -91,7 +94,8 @@ class Orthanc:
         for orthanc_id in self.get("/instances"):
             tags = self.get(f"/instances/{orthanc_id}/simplified-tags")
             result[tags["SOPInstanceUID"]] = self.get_bytes(
-                f"/instances/{orthanc_id}/file")
+                f"/instances/{orthanc_id}/file"
+            )
         return result
 
     def stop(self) -> None:
@@ -108,8 +112,9 @@ class Orthanc:
 
 def orthanc_version() -> str:
     """Return the installed Orthanc's version string (for reports)."""
-    out = subprocess.run([_orthanc_binary(), "--version"], capture_output=True,
-                         text=True, check=False).stdout
+    out = subprocess.run(
+        [_orthanc_binary(), "--version"], capture_output=True, text=True, check=False
+    ).stdout
     match = re.search(r"(\d+\.\d+\.\d+)", out)
     return match.group(1) if match else "unknown"
 

@@ -16,6 +16,8 @@ SCHEMAS = SHARED / "reference" / "jmix-spec" / "schemas"
 def require_shared(path: Path = SHARED) -> Path:
     """Return ``path`` or skip the calling test when the shared folder is absent."""
     if not path.exists():
-        pytest.skip(f"{path} is absent: the project's shared reference folder sits "
-                    "beside the checkout only for its developers and CI")
+        pytest.skip(
+            f"{path} is absent: the project's shared reference folder sits "
+            "beside the checkout only for its developers and CI"
+        )
     return path
