@@ -1,0 +1,1 @@
+"""Workers: small loops that each run one kind of durable job from the state store."""

@@ -1,0 +1,280 @@
+"""The generic worker: claim a job, run its handler, record what happened.
+
+A handler is a callable ``handler(job, ctx) -> Outcome``. It must be idempotent:
+a job whose worker died is claimed again once its lease expires. What it
+returns, or raises, decides the job's fate:
+
+- ``Outcome.done(...)`` completes the job and records its results (follow-up
+  jobs, an envelope, an envelope state) in the same transaction;
+- ``Outcome.retry(error, ...)`` or a raised ``RetryableTransportError`` counts a
+  failed attempt and schedules the next one with the queue's backoff, unless
+  the retry policy is exhausted, in which case the job goes to dead-letter;
+- ``Outcome.dead(error)`` or a raised ``PermanentTransportError`` parks the job
+  in dead-letter at once, where an operator can see and re-send it;
+- any other exception is logged without its arguments' data and retried, so
+  a bug costs time, never a study.
+
+Failures that concern a target (a peer, a PACS) feed that target's circuit
+breaker; while it is open the target's jobs stay ready and cost nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.errors import PermanentTransportError, RetryableTransportError
+from bridge.store.base import Envelope, Job, NewJob, Store
+from bridge.workers.policy import BreakerBoard, RetryPolicy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a handler decided about its job; build it with the class methods."""
+
+    kind: str  # "done", "retry" or "dead"
+    error: str = ""
+    jobs: tuple[NewJob, ...] = ()
+    envelope: Envelope | None = None
+    envelope_state: tuple[str, str, str] | None = None
+    payload: dict[str, Any] | None = None
+    retry_after: float | None = None
+    target_failed: bool = True  # whether a retry/dead counts against the target
+
+    @classmethod
+    def done(cls, *, jobs=(), envelope=None, envelope_state=None, payload=None):
+        """Complete the job, recording these results with it."""
+        return cls(
+            "done",
+            jobs=tuple(jobs),
+            envelope=envelope,
+            envelope_state=envelope_state,
+            payload=payload,
+        )
+
+    @classmethod
+    def retry(cls, error: str, *, payload=None, retry_after=None, target_failed=True):
+        """Try again later; ``payload`` keeps partial progress."""
+        return cls(
+            "retry",
+            error=error,
+            payload=payload,
+            retry_after=retry_after,
+            target_failed=target_failed,
+        )
+
+    @classmethod
+    def dead(cls, error: str, *, payload=None, target_failed=False):
+        """Give up now and park the job in dead-letter."""
+        return cls("dead", error=error, payload=payload, target_failed=target_failed)
+
+
+@dataclass
+class JobContext:
+    """What a handler may use besides its job: the stop flag and lease renewal."""
+
+    stopping: threading.Event
+    renew: Callable[[], bool]
+
+
+Handler = Callable[[Job, JobContext], Outcome]
+ResultHook = Callable[[str, str, str], None]  # (queue, target, result)
+
+
+@dataclass
+class WorkerSpec:
+    """One kind of worker: its queue, handler and policies."""
+
+    queue: str
+    handler: Handler
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    breakers: BreakerBoard | None = None
+    lease_seconds: float = 300.0
+    poll_seconds: float = 0.25
+    threads: int = 1
+
+
+class Worker:
+    """Runs one :class:`WorkerSpec` in ``spec.threads`` threads until stopped."""
+
+    def __init__(
+        self,
+        store: Store,
+        spec: WorkerSpec,
+        *,
+        on_result: ResultHook | None = None,
+        node: str = "bridge",
+    ):
+        self.store = store
+        self.spec = spec
+        self.on_result = on_result
+        self.stopping = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._owner_prefix = f"{node}:{spec.queue}:{uuid.uuid4().hex[:8]}"
+        self._in_flight: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the worker threads."""
+        for index in range(self.spec.threads):
+            owner = f"{self._owner_prefix}:{index}"
+            thread = threading.Thread(
+                target=self._loop,
+                args=(owner,),
+                name=f"worker-{self.spec.queue}-{index}",
+                daemon=True,
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def wake(self) -> None:
+        """Ask idle threads to look for work now instead of at the next poll."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop claiming, wait up to ``timeout`` s, then release unfinished leases."""
+        self.stopping.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            unfinished = dict(self._in_flight)
+        for owner, job_id in unfinished.items():
+            if self.store.release(job_id, owner):
+                logger.warning(
+                    "job released at shutdown queue=%s job=%d", self.spec.queue, job_id
+                )
+
+    def run_once(self, owner: str | None = None) -> bool:
+        """Claim and process one due job; return False when none was due."""
+        owner = owner or f"{self._owner_prefix}:once"
+        skip = self.spec.breakers.blocked() if self.spec.breakers else frozenset()
+        job = self.store.claim(
+            self.spec.queue, owner, self.spec.lease_seconds, skip_targets=skip
+        )
+        if job is None:
+            return False
+        self._process(job, owner)
+        return True
+
+    def _loop(self, owner: str) -> None:
+        while not self.stopping.is_set():
+            try:
+                found = self.run_once(owner)
+            except Exception:
+                logger.exception("worker loop failed queue=%s", self.spec.queue)
+                found = False
+            if not found:
+                self._wake.wait(self.spec.poll_seconds)
+                self._wake.clear()
+
+    def _process(self, job: Job, owner: str) -> None:
+        breaker = (
+            self.spec.breakers.get(job.target)
+            if (self.spec.breakers and job.target)
+            else None
+        )
+        if breaker:
+            breaker.started()
+        with self._lock:
+            self._in_flight[owner] = job.id
+        ctx = JobContext(
+            stopping=self.stopping,
+            renew=lambda: self.store.renew(job.id, owner, self.spec.lease_seconds),
+        )
+        started = time.monotonic()
+        try:
+            outcome = self._run_handler(job, ctx)
+            self._record(job, owner, outcome, breaker)
+        finally:
+            with self._lock:
+                self._in_flight.pop(owner, None)
+        logger.debug(
+            "job processed queue=%s job=%d seconds=%.3f",
+            self.spec.queue,
+            job.id,
+            time.monotonic() - started,
+        )
+
+    def _run_handler(self, job: Job, ctx: JobContext) -> Outcome:
+        try:
+            return self.spec.handler(job, ctx)
+        except RetryableTransportError as exc:
+            return Outcome.retry(str(exc), retry_after=exc.retry_after)
+        except PermanentTransportError as exc:
+            return Outcome.dead(str(exc), target_failed=True)
+        except Exception as exc:
+            logger.exception(
+                "job handler failed queue=%s job=%d error=%s",
+                self.spec.queue,
+                job.id,
+                type(exc).__name__,
+            )
+            return Outcome.retry(
+                f"internal error: {type(exc).__name__}: {exc}", target_failed=False
+            )
+
+    def _record(self, job: Job, owner: str, outcome: Outcome, breaker) -> None:
+        queue, target = self.spec.queue, job.target
+        if outcome.kind == "done":
+            kept = self.store.complete(
+                job.id,
+                owner,
+                jobs=list(outcome.jobs),
+                envelope=outcome.envelope,
+                envelope_state=outcome.envelope_state,
+                payload=outcome.payload,
+            )
+            if breaker:
+                breaker.succeeded()
+            self._report(queue, target, "done" if kept else "lease-lost")
+            return
+        if breaker and outcome.target_failed:
+            breaker.failed()
+        attempts = job.attempts + 1
+        if outcome.kind == "retry" and not self.spec.retry.exhausted(
+            attempts, job.created_at, time.time()
+        ):
+            delay = self.spec.retry.delay(attempts, outcome.retry_after)
+            self.store.retry_later(
+                job.id,
+                owner,
+                outcome.error,
+                time.time() + delay,
+                payload=outcome.payload,
+            )
+            logger.warning(
+                "job retry scheduled queue=%s job=%d target=%s "
+                "attempt=%d delay_seconds=%.1f error=%s",
+                queue,
+                job.id,
+                target,
+                attempts,
+                delay,
+                outcome.error,
+            )
+            self._report(queue, target, "retry")
+            return
+        self.store.dead_letter(job.id, owner, outcome.error, payload=outcome.payload)
+        logger.error(
+            "job dead-lettered queue=%s job=%d target=%s attempts=%d error=%s",
+            queue,
+            job.id,
+            target,
+            attempts,
+            outcome.error,
+        )
+        self._report(queue, target, "dead")
+
+    def _report(self, queue: str, target: str, result: str) -> None:
+        if self.on_result:
+            self.on_result(queue, target, result)
