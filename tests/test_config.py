@@ -1,0 +1,116 @@
+"""Configuration: typed loading, every problem reported with its path, secrets."""
+
+import os
+
+import pytest
+
+from bridge.config import Secret, Size, env_name, load_config
+from bridge.errors import ConfigError
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "bridge.yaml"
+    path.write_text(text)
+    return path
+
+
+def _problems(path, **kw):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_files=False, **kw)
+    return info.value.problems
+
+
+def test_missing_file_names_the_file(tmp_path):
+    problems = _problems(tmp_path / "absent.yaml")
+    assert "absent.yaml: cannot read" in problems[0]
+
+
+def test_unknown_key_is_reported_with_its_path(tmp_path):
+    path = _write(tmp_path, "dicom:\n  ae_titel: X\n")
+    assert _problems(path) == [
+        "dicom.ae_titel: unknown key (expected one of ae_title, allowed_callers, "
+        "check_called_ae, duplicates, host, max_associations, max_pdu, port, tls, "
+        "unrouted)"
+    ]
+
+
+def test_every_type_problem_is_reported_at_once(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+dicom: {port: eleven, check_called_ae: "yes", duplicates: keep-oldest}
+peers:
+  - name: b
+    entity: {id: org:b}
+    encryption_key: b.pub
+    url: http://b
+    timeout_seconds: soon
+""",
+    )
+    problems = _problems(path)
+    assert "dicom.port: expected an integer, got 'eleven'" in problems
+    assert "dicom.check_called_ae: expected true or false, got 'yes'" in problems
+    assert (
+        "dicom.duplicates: expected one of keep-newest, reject, got 'keep-oldest'"
+    ) in problems
+    assert "peers[0].timeout_seconds: expected a number, got 'soon'" in problems
+
+
+def test_route_naming_an_unknown_peer_is_refused(tmp_path):
+    path = _write(tmp_path, "routes:\n  - {name: all, peers: [nowhere]}\n")
+    assert any(
+        p.startswith("routes[0].peers[0]: no peer named 'nowhere'")
+        for p in _problems(path)
+    )
+
+
+def test_sizes_accept_units(tmp_path):
+    path = _write(
+        tmp_path, "spool: {min_free_bytes: 2 GiB}\nhttp: {max_body_bytes: 1500000}\n"
+    )
+    config = load_config(path, check_files=False)
+    assert config.spool.min_free_bytes == Size(2 * 2**30)
+    assert config.http.max_body_bytes == 1_500_000
+
+
+def test_relative_paths_are_taken_from_the_file_folder(tmp_path):
+    path = _write(tmp_path, "node: {data_dir: data}\n")
+    assert load_config(path, check_files=False).node.data_dir == tmp_path / "data"
+
+
+def test_token_from_environment_overrides_the_file_and_is_masked(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+peers:
+  - {name: clinic-b, entity: {id: org:b}, encryption_key: b.pub, url: http://b,
+     token: from-file}
+""",
+    )
+    env = {env_name("PEER", "clinic-b"): "from-env"}
+    config = load_config(path, env=env, check_files=False)
+    assert env_name("PEER", "clinic-b") == "JMIX_BRIDGE_PEER_CLINIC_B_TOKEN"
+    assert config.peers[0].token == "from-env"
+    assert "from-env" not in repr(config)
+    assert repr(Secret("x")) == "Secret('***')"
+
+
+def test_private_key_readable_by_others_is_refused(tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name in ("signing.key", "encryption.key"):
+        (keys / name).write_text("k")
+        os.chmod(keys / name, 0o600)
+    os.chmod(keys / "signing.key", 0o644)
+    path = _write(tmp_path, "node: {keys: keys, data_dir: data}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert any(
+        "signing.key is readable by group or others" in p for p in info.value.problems
+    )
+
+
+def test_embedded_defaults_load_without_a_file():
+    config = load_config(None, check_files=False)
+    assert config.dicom.ae_title == "JMIXBRIDGE"
+    assert config.store_url.startswith("sqlite:///")
