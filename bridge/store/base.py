@@ -320,13 +320,15 @@ class Store(abc.ABC):
         envelope: Envelope | None = None,
         envelope_state: tuple[str, str, str] | None = None,
         payload: dict | None = None,
+        seen: tuple[str, str] | None = None,
     ) -> bool:
         """Mark a job done and, in the same transaction, record its results.
 
         ``jobs`` are enqueued, ``envelope`` is recorded (as :meth:`put_envelope`),
-        ``envelope_state`` is ``(envelope_id, direction, state)`` to set, and
-        ``payload`` replaces the job's payload. Returns False, changing nothing,
-        when ``owner`` no longer holds the lease.
+        ``envelope_state`` is ``(envelope_id, direction, state)`` to set,
+        ``payload`` replaces the job's payload, and ``seen`` is an
+        ``(envelope_id, sender)`` to record as accepted (as :meth:`mark_seen`).
+        Returns False, changing nothing, when ``owner`` no longer holds the lease.
         """
 
     @abc.abstractmethod

@@ -611,10 +611,13 @@ class SQLiteStore(Store):
         envelope: Envelope | None = None,
         envelope_state: tuple[str, str, str] | None = None,
         payload: dict | None = None,
+        seen: tuple[str, str] | None = None,
     ) -> bool:
         with self._write() as conn:
             if not self._finish(conn, job_id, owner, JobState.DONE, payload=payload):
                 return False
+            if seen is not None:
+                self._mark_seen(conn, *seen)
             if envelope is not None:
                 self._put_envelope(conn, envelope)
             if envelope_state is not None:

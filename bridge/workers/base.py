@@ -47,9 +47,12 @@ class Outcome:
     payload: dict[str, Any] | None = None
     retry_after: float | None = None
     target_failed: bool = True  # whether a retry/dead counts against the target
+    seen: tuple[str, str] | None = None  # (envelope id, sender) accepted with it
 
     @classmethod
-    def done(cls, *, jobs=(), envelope=None, envelope_state=None, payload=None):
+    def done(
+        cls, *, jobs=(), envelope=None, envelope_state=None, payload=None, seen=None
+    ):
         """Complete the job, recording these results with it."""
         return cls(
             "done",
@@ -57,6 +60,7 @@ class Outcome:
             envelope=envelope,
             envelope_state=envelope_state,
             payload=payload,
+            seen=seen,
         )
 
     @classmethod
@@ -233,6 +237,7 @@ class Worker:
                 envelope=outcome.envelope,
                 envelope_state=outcome.envelope_state,
                 payload=outcome.payload,
+                seen=outcome.seen,
             )
             if breaker:
                 breaker.succeeded()
