@@ -8,6 +8,7 @@ party, with ``raise ... from exc``::
     ├── ConfigError                 configuration invalid (carries every problem)
     ├── KeyFileError                key file missing, malformed or too open
     ├── EnvelopeError               anything wrong with a JMIX envelope
+    │   ├── UnpackableStudy         the sources cannot go in one envelope (exit code 2)
     │   ├── MalformedEnvelope       not a well-formed envelope (exit code 2)
     │   │   ├── UnsafeEntry         archive entry escapes, links, devices, oversize
     │   │   └── SchemaViolation     a JSON document fails its schema or our profile
@@ -47,6 +48,14 @@ class KeyFileError(BridgeError):
 
 class EnvelopeError(BridgeError):
     """Anything wrong with a JMIX envelope."""
+
+
+class UnpackableStudy(EnvelopeError):
+    """The sources cannot be packed as one envelope.
+
+    More than one study, instances that disagree on Patient ID, duplicate SOP
+    Instance UIDs or no instances at all: the study is held for an operator.
+    """
 
 
 class MalformedEnvelope(EnvelopeError):
