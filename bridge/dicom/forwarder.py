@@ -693,6 +693,6 @@ def _on_commitment_report(event, reply: dict):
             str(ref.ReferencedSOPInstanceUID)
             for ref in info.get("FailedSOPSequence", [])
         )
-        reply["report"] = (event.event_type_id, failed)
+        reply["report"] = (event.request.EventTypeID, failed)
         reply["reported"].set()
     return 0x0000, None
