@@ -1,0 +1,398 @@
+"""The DICOM listener: a C-STORE and C-ECHO SCP that takes studies in.
+
+Each association runs in its own pynetdicom thread. Data sets stream to a file
+in the spool's ``incoming/`` folder as they arrive (pynetdicom's chunked
+receive), never decoded, so a 1 GB multi-frame instance does not sit in memory;
+the handler passes the file to :class:`~bridge.ingest.Ingest`, which moves it
+into the spool, fsyncs it and records it, and only then is success answered.
+
+Association policy lives in one handler on ``EVT_REQUESTED``, pynetdicom's
+supported place to send an A-ASSOCIATE-RJ before negotiation: allowed calling
+AE titles and hosts, our called AE title, the association limit and the
+free-disk watermark. Nothing escapes a handler: every failure becomes a DIMSE
+status or an association rejection, one log line and a counter.
+
+Setting up pynetdicom touches process-wide switches (chunked receive,
+unrestricted storage, no identifier logging, the folder for received data
+sets); one process runs one listener.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import threading
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from tempfile import NamedTemporaryFile
+
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.sop_class import Verification
+
+from bridge.errors import BridgeError
+from bridge.ingest import Ingest, Receipt, Rejection
+from bridge.store import InstanceOutcome
+
+logger = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+# PS3.4 B.2.3: "Refused: Out of Resources". The modality may try again later,
+# which is right for a full disk or a state store that cannot commit.
+OUT_OF_RESOURCES = 0xA700
+# PS3.4 B.2.3: "Error: Data Set does not match SOP Class". Study, Series and
+# SOP Instance UID and SOP Class UID are Type 1 in every composite IOD.
+DATA_SET_MISMATCH = 0xA900
+# PS3.4 B.2.3: "Error: Cannot understand". The data set does not parse.
+CANNOT_UNDERSTAND = 0xC000
+# PS3.7 C.5.x general statuses: "Refused: Not authorized" when no route takes
+# the instance, and "Duplicate SOP Instance" when its UID is known with other
+# bytes and the policy is to reject.
+NOT_AUTHORIZED = 0x0124
+DUPLICATE_SOP_INSTANCE = 0x0111
+
+_REJECTION_STATUS = {
+    Rejection.UNREADABLE: CANNOT_UNDERSTAND,
+    Rejection.INVALID: DATA_SET_MISMATCH,
+    Rejection.UNROUTED: NOT_AUTHORIZED,
+    Rejection.CONFLICT: DUPLICATE_SOP_INSTANCE,
+}
+
+# PS3.8 9.3.4 A-ASSOCIATE-RJ (result, source, diagnostic) by reason:
+# permanent from the service user for who is calling, transient from the
+# service provider (presentation related) for our own limits.
+_ASSOC_REJECT = {
+    "calling-ae": (0x01, 0x01, 0x03),  # calling AE title not recognised
+    "host": (0x01, 0x01, 0x03),
+    "unrouted": (0x01, 0x01, 0x03),
+    "called-ae": (0x01, 0x01, 0x07),  # called AE title not recognised
+    "max-associations": (0x02, 0x03, 0x02),  # local limit exceeded
+    "disk-full": (0x02, 0x03, 0x01),  # temporary congestion
+    "error": (0x02, 0x03, 0x01),
+}
+
+
+@dataclass(frozen=True)
+class AllowedCaller:
+    """A calling AE title allowed in, optionally only from one host.
+
+    ``host`` is an IP address or a name resolved when the listener starts;
+    empty allows any host.
+    """
+
+    ae_title: str
+    host: str = ""
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    """The listener's policy; see the module docstring. Times are seconds.
+
+    An empty ``allowed_callers`` lets every calling AE title in. New
+    associations are refused while free space on the spool's filesystem is
+    below ``min_free_bytes`` or ``min_free_ratio`` (0.0-1.0).
+    """
+
+    ae_title: str = "JMIXBRIDGE"
+    host: str = "0.0.0.0"  # noqa: S104 (a DICOM listener serves the network)
+    port: int = 11112
+    check_called_ae: bool = True
+    allowed_callers: tuple[AllowedCaller, ...] = ()
+    max_associations: int = 10
+    min_free_bytes: int = 0
+    min_free_ratio: float = 0.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+
+
+@dataclass
+class ListenerStats:
+    """Counters of what the listener did, for the metrics layer to read.
+
+    Increments are thread-safe; :meth:`snapshot` returns a consistent copy.
+    """
+
+    associations_accepted: int = 0
+    associations_rejected: dict[str, int] = field(default_factory=dict)
+    instances_stored: int = 0
+    instances_duplicate: int = 0
+    instances_replaced: int = 0
+    bytes_received: int = 0
+    instances_rejected: dict[str, int] = field(default_factory=dict)
+    statuses: dict[int, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(
+        default_factory=threading.Lock, repr=False, compare=False
+    )
+
+    def association(self, rejected_for: str = "") -> None:
+        """Count an association accepted, or rejected for a reason."""
+        with self._lock:
+            if rejected_for:
+                _bump(self.associations_rejected, rejected_for)
+            else:
+                self.associations_accepted += 1
+
+    def instance(self, status: int, receipt: Receipt | None, reason: str) -> None:
+        """Count one C-STORE answered with ``status``."""
+        with self._lock:
+            _bump(self.statuses, status)
+            if receipt is not None and receipt.accepted:
+                self.bytes_received += receipt.size_bytes
+                if receipt.outcome == InstanceOutcome.DUPLICATE:
+                    self.instances_duplicate += 1
+                elif receipt.outcome == InstanceOutcome.REPLACED:
+                    self.instances_replaced += 1
+                else:
+                    self.instances_stored += 1
+            else:
+                _bump(self.instances_rejected, reason)
+
+    def snapshot(self) -> dict:
+        """Return every counter as plain values."""
+        with self._lock:
+            return {
+                "associations_accepted": self.associations_accepted,
+                "associations_rejected": dict(self.associations_rejected),
+                "instances_stored": self.instances_stored,
+                "instances_duplicate": self.instances_duplicate,
+                "instances_replaced": self.instances_replaced,
+                "bytes_received": self.bytes_received,
+                "instances_rejected": dict(self.instances_rejected),
+                "statuses": dict(self.statuses),
+            }
+
+
+class Listener:
+    """The C-STORE and C-ECHO SCP; :meth:`start` opens the socket."""
+
+    def __init__(
+        self,
+        settings: ListenerSettings,
+        ingest: Ingest,
+        *,
+        stats: ListenerStats | None = None,
+    ):
+        self.settings = settings
+        self.ingest = ingest
+        self.spool = ingest.spool
+        self.stats = stats or ListenerStats()
+        self._server = None
+        self._ae: AE | None = None
+        self._allowed: dict[str, frozenset[str] | None] = {}
+
+    @property
+    def port(self) -> int:
+        """The TCP port the listener is bound to (useful with port 0)."""
+        if self._server is None:
+            raise RuntimeError("the listener is not started")
+        return self._server.server_address[1]
+
+    def start(self) -> None:
+        """Bind the socket and serve associations on background threads.
+
+        Raises OSError when the address cannot be bound.
+        """
+        self._configure_pynetdicom()
+        self.spool.sweep_incoming(older_than_seconds=0)
+        self._allowed = _allowed_hosts(self.settings.allowed_callers)
+        if not self.settings.allowed_callers:
+            logger.warning("listener accepts any calling AE title")
+
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_pdu_size = 0  # unlimited: fastest receive (FIELD-NOTES)
+        ae.maximum_associations = self.settings.max_associations
+        ae.acse_timeout = self.settings.acse_timeout
+        ae.dimse_timeout = self.settings.dimse_timeout
+        ae.network_timeout = self.settings.network_timeout
+        ae.add_supported_context(Verification)
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_C_STORE, self._on_c_store),
+        ]
+        self._server = ae.start_server(
+            (self.settings.host, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+        )
+        self._ae = ae
+        logger.info(
+            "listener started ae_title=%s port=%d", self.settings.ae_title, self.port
+        )
+
+    def stop(self) -> None:
+        """Stop accepting, end open associations and close the socket."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            logger.info("listener stopped ae_title=%s", self.settings.ae_title)
+
+    def _configure_pynetdicom(self) -> None:
+        # Stream each data set to a file instead of decoding it (FIELD-NOTES).
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        # Accept every storage SOP class, private and future ones included, in
+        # whatever transfer syntax the modality proposes first: the bridge
+        # stores instances as received and never decodes pixel data.
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
+        # STYLE: pynetdicom logs request and response identifiers by default.
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        _config.LOG_RESPONSE_IDENTIFIERS = False
+        # pynetdicom writes received data sets with tempfile's default folder;
+        # pointing it at the spool's incoming/ folder keeps it on the spool's
+        # filesystem, so adopting a file is a rename, not a second copy. The
+        # spool copies instead should this ever not hold.
+        dimse_messages.NamedTemporaryFile = functools.partial(
+            NamedTemporaryFile, dir=self.spool.incoming
+        )
+
+    # -- association policy ------------------------------------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        try:
+            reason = self._refusal(assoc)
+        except Exception as exc:  # nothing escapes a handler
+            logger.error("association check failed error=%s", _describe(exc))
+            reason = "error"
+        if not reason:
+            return
+        self.stats.association(rejected_for=reason)
+        logger.warning(
+            "association rejected reason=%s calling_ae=%s peer_host=%s",
+            reason,
+            assoc.requestor.primitive.calling_ae_title,
+            assoc.requestor.address,
+        )
+        # pynetdicom #408: a reject sent from EVT_REQUESTED ends negotiation;
+        # kill() then waits for the DUL to put it on the wire, as pynetdicom's
+        # own rejections do (acse.py, _negotiate_as_acceptor).
+        assoc.acse.send_reject(*_ASSOC_REJECT[reason])
+        assoc.kill()
+
+    def _refusal(self, assoc) -> str:
+        """Return why an association must be refused, or "" to accept it."""
+        calling = assoc.requestor.primitive.calling_ae_title.strip()
+        called = assoc.requestor.primitive.called_ae_title.strip()
+        if self._allowed:
+            if calling not in self._allowed:
+                return "calling-ae"
+            hosts = self._allowed[calling]
+            if hosts is not None and assoc.requestor.address not in hosts:
+                return "host"
+        if self.settings.check_called_ae and called != self.settings.ae_title.strip():
+            return "called-ae"
+        if not self.ingest.admits(calling, called):
+            return "unrouted"
+        active = [a for a in assoc.ae.active_associations if a.is_acceptor]
+        if len(active) > self.settings.max_associations:
+            return "max-associations"
+        if not self._has_room():
+            return "disk-full"
+        return ""
+
+    def _has_room(self) -> bool:
+        return self.spool.has_room(
+            self.settings.min_free_bytes, self.settings.min_free_ratio
+        )
+
+    def _on_established(self, event: evt.Event) -> None:
+        self.stats.association()
+        logger.info(
+            "association accepted calling_ae=%s peer_host=%s",
+            event.assoc.requestor.ae_title,
+            event.assoc.requestor.address,
+        )
+
+    # -- C-STORE -----------------------------------------------------------------
+
+    def _on_c_store(self, event: evt.Event) -> int:
+        """Take one instance in; return its DIMSE status (PS3.4 B.2.3)."""
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title
+        receipt = None
+        try:
+            if not self._has_room():
+                status, reason, detail = OUT_OF_RESOURCES, "disk-full", ""
+            else:
+                req = event.request
+                receipt = self.ingest.receive(
+                    Path(event.dataset_path),
+                    calling_ae=calling,
+                    called_ae=assoc.requestor.primitive.called_ae_title,
+                    sop_class_uid=str(req.AffectedSOPClassUID or ""),
+                    sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
+                )
+                if receipt.accepted:
+                    status, reason, detail = SUCCESS, "", ""
+                else:
+                    status = _REJECTION_STATUS[receipt.rejection]
+                    reason, detail = receipt.rejection.value, receipt.detail
+        except BridgeError as exc:
+            status, reason, detail = OUT_OF_RESOURCES, "storage", str(exc)
+        except Exception as exc:  # nothing escapes a handler
+            status, reason, detail = OUT_OF_RESOURCES, "error", _describe(exc)
+
+        self.stats.instance(status, receipt, reason)
+        if status == SUCCESS:
+            logger.info(
+                "instance %s study=%s bytes=%d",
+                receipt.outcome.value,
+                receipt.study_ref,
+                receipt.size_bytes,
+            )
+        else:
+            log = logger.error if status == OUT_OF_RESOURCES else logger.warning
+            log(
+                "instance refused status=0x%04X reason=%s calling_ae=%s study=%s "
+                "detail=%s",
+                status,
+                reason,
+                calling,
+                receipt.study_ref if receipt else "",
+                detail,
+            )
+        return status
+
+
+def _bump(counts: dict, key) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+def _allowed_hosts(
+    callers: tuple[AllowedCaller, ...],
+) -> dict[str, frozenset[str] | None]:
+    """Map each allowed AE title to its allowed addresses, None for any host."""
+    allowed: dict[str, frozenset[str] | None] = {}
+    for caller in callers:
+        ae_title = caller.ae_title.strip()
+        if not caller.host:
+            allowed[ae_title] = None
+        elif ae_title not in allowed or allowed[ae_title] is not None:
+            allowed[ae_title] = (allowed.get(ae_title) or frozenset()) | _resolve(
+                caller.host
+            )
+    return allowed
+
+
+def _resolve(host: str) -> frozenset[str]:
+    """Return the addresses of ``host``; the literal itself when it won't resolve."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        logger.warning("allowed caller host does not resolve host=%s", host)
+        return frozenset({host})
+    return frozenset({host, *(info[4][0] for info in infos)})
+
+
+def _describe(exc: BaseException) -> str:
+    """Name an unexpected exception and where it was raised, never its message.
+
+    Messages of third-party exceptions may quote data set values.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = (
+        f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    )
+    return f"{type(exc).__name__}{where}"

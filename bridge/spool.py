@@ -1,0 +1,276 @@
+"""The spool: the one folder on disk where the bridge keeps its blobs.
+
+Layout under the spool root::
+
+    incoming/            pynetdicom writes each C-STORE data set here while it
+                         arrives (same filesystem, so adopting it is a rename)
+    instances/ab/<sha256>.dcm
+                         received instances, content-addressed by the SHA-256
+                         of the file as stored; ``ab`` is the first two hex digits
+    outbox/<uuid>.zip    envelopes this node built, waiting for delivery
+    inbox/<uuid>.zip     envelopes received from a peer, waiting to be opened
+    quarantine/<uuid>.zip
+                         envelopes that failed verification, kept for an operator
+    opened/<uuid>/       the extracted payload of an opened envelope
+    tmp/                 scratch space for writes that end in a rename
+
+No file name comes from received input: instances are named by their digest,
+envelopes by an id this module generated or validated as a UUID. A file is
+durable when :meth:`Spool.adopt_instance` or :func:`fsync_rename` returns: its
+bytes are fsynced, it is renamed into place and its folder is fsynced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from bridge.errors import SpoolError
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20  # 1 MiB reads: SHA-256 runs near disk speed with this size
+_ENVELOPE_FOLDERS = ("outbox", "inbox", "quarantine", "opened")
+
+
+@dataclass(frozen=True)
+class SpooledFile:
+    """A file made durable in the spool."""
+
+    path: str  # relative to the spool root, '/'-separated
+    digest: str  # lower-case hex SHA-256 of the file
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class DiskSpace:
+    """Free and total bytes of the filesystem that holds the spool."""
+
+    free_bytes: int
+    total_bytes: int
+
+    @property
+    def free_ratio(self) -> float:
+        """Free space as a fraction of the filesystem, 0.0-1.0."""
+        return self.free_bytes / self.total_bytes if self.total_bytes else 0.0
+
+
+class Spool:
+    """The spool folder; see the module docstring for its layout.
+
+    Safe to use from many threads: every write goes to a unique temporary name
+    and ends in an atomic rename.
+    """
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root).resolve()
+        try:
+            for name in ("incoming", "instances", "tmp", *_ENVELOPE_FOLDERS):
+                (self.root / name).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(
+                f"spool {self.root}: cannot create its folders: {exc}"
+            ) from exc
+
+    @property
+    def incoming(self) -> Path:
+        """The folder where received data sets are written while they arrive."""
+        return self.root / "incoming"
+
+    # -- instances --------------------------------------------------------------
+
+    def adopt_instance(self, src: Path) -> SpooledFile:
+        """Make the received file ``src`` durable as a content-addressed instance.
+
+        Reads ``src`` once to hash it, fsyncs it and renames it into
+        ``instances/``; when ``src`` lies on another filesystem it is copied
+        instead and ``src`` is left in place. When an identical file is already
+        spooled, ``src`` is left alone and the existing file is returned.
+        Raises SpoolError when the file cannot be read, written or synced.
+        """
+        try:
+            digest, size = _hash_and_sync(src)
+            rel = f"instances/{digest[:2]}/{digest}.dcm"
+            dest = self.root / rel
+            if dest.exists() and dest.stat().st_size == size:
+                return SpooledFile(rel, digest, size)
+            folder_is_new = not dest.parent.exists()
+            dest.parent.mkdir(exist_ok=True)
+            if folder_is_new:
+                _fsync_dir(dest.parent.parent)
+            try:
+                os.rename(src, dest)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                self._copy_durably(src, dest)
+            _fsync_dir(dest.parent)
+        except OSError as exc:
+            raise SpoolError(f"spool: cannot store a received instance: {exc}") from exc
+        return SpooledFile(rel, digest, size)
+
+    def import_instance(self, src: Path) -> SpooledFile:
+        """Copy a DICOM file from outside the spool in as an instance.
+
+        ``src`` is never moved or changed. Raises SpoolError on any failure.
+        """
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.incoming, suffix=".dcm")
+            os.close(fd)
+            shutil.copyfile(src, tmp)
+        except OSError as exc:
+            raise SpoolError(f"spool: cannot copy {src} in: {exc}") from exc
+        try:
+            return self.adopt_instance(Path(tmp))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _copy_durably(self, src: Path, dest: Path) -> None:
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
+        try:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.rename(tmp, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def path_of(self, rel: str) -> Path:
+        """Return the absolute path of a spool-relative path from the store.
+
+        Raises SpoolError when ``rel`` would lead outside the spool root.
+        """
+        path = (self.root / rel).resolve()
+        if not path.is_relative_to(self.root) or path == self.root:
+            raise SpoolError(f"spool path {rel!r}: expected a path inside the spool")
+        return path
+
+    def sweep_incoming(self, older_than_seconds: float = 3600.0) -> int:
+        """Remove partial data sets left in ``incoming/`` by a crash; return count.
+
+        Only files older than ``older_than_seconds`` go, so that data sets
+        arriving right now are never touched.
+        """
+        limit = time.time() - older_than_seconds
+        removed = 0
+        for path in self.incoming.iterdir():
+            with contextlib.suppress(OSError):
+                if path.is_file() and path.stat().st_mtime < limit:
+                    path.unlink()
+                    removed += 1
+        if removed:
+            logger.warning("partial instances removed from spool count=%d", removed)
+        return removed
+
+    # -- envelopes ----------------------------------------------------------------
+
+    def envelope_path(self, folder: str, envelope_id: str) -> Path:
+        """Return ``<folder>/<id>.zip`` (``opened/<id>`` for ``opened``).
+
+        ``folder`` is one of outbox, inbox, quarantine or opened. Raises
+        SpoolError unless ``envelope_id`` is a UUID in canonical lower-case form,
+        so that no name from a peer reaches the filesystem unchecked.
+        """
+        if folder not in _ENVELOPE_FOLDERS:
+            raise SpoolError(
+                f"spool folder {folder!r}: expected one of "
+                f"{', '.join(_ENVELOPE_FOLDERS)}"
+            )
+        checked = validate_envelope_id(envelope_id)
+        name = checked if folder == "opened" else f"{checked}.zip"
+        return self.root / folder / name
+
+    def relative(self, path: Path) -> str:
+        """Return ``path`` relative to the spool root, as the store records it."""
+        return Path(path).resolve().relative_to(self.root).as_posix()
+
+    def temp_path(self, suffix: str = "") -> Path:
+        """Return a fresh name under ``tmp/`` for a write that ends in a rename."""
+        return self.root / "tmp" / f"{uuid.uuid4().hex}{suffix}"
+
+    # -- disk space ---------------------------------------------------------------
+
+    def disk_space(self) -> DiskSpace:
+        """Return free and total bytes of the spool's filesystem.
+
+        Free bytes are those available to this (unprivileged) process.
+        """
+        try:
+            st = os.statvfs(self.root)
+        except OSError as exc:
+            raise SpoolError(f"spool: cannot read free space: {exc}") from exc
+        return DiskSpace(st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)
+
+    def has_room(self, min_free_bytes: int = 0, min_free_ratio: float = 0.0) -> bool:
+        """Return True while free space is at or above both watermarks."""
+        space = self.disk_space()
+        return space.free_bytes >= min_free_bytes and space.free_ratio >= min_free_ratio
+
+
+def new_envelope_id() -> str:
+    """Return a fresh envelope id (a random UUID, lower case)."""
+    return str(uuid.uuid4())
+
+
+def validate_envelope_id(envelope_id: str) -> str:
+    """Return ``envelope_id`` if it is a canonical lower-case UUID, else raise.
+
+    Raises SpoolError naming the bad value.
+    """
+    try:
+        canonical = str(uuid.UUID(envelope_id))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise SpoolError(
+            f"envelope id {envelope_id!r}: expected a UUID like '0f8e2b1c-...-...'"
+        ) from exc
+    if canonical != envelope_id:
+        raise SpoolError(
+            f"envelope id {envelope_id!r}: expected the canonical form {canonical!r}"
+        )
+    return canonical
+
+
+def fsync_rename(src: Path, dest: Path) -> None:
+    """Fsync ``src``, rename it to ``dest`` and fsync ``dest``'s folder.
+
+    Both paths must be on the same filesystem (inside the spool they are).
+    Raises SpoolError on failure.
+    """
+    try:
+        with open(src, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.rename(src, dest)
+        _fsync_dir(dest.parent)
+    except OSError as exc:
+        raise SpoolError(f"spool: cannot move {src.name} into place: {exc}") from exc
+
+
+def _hash_and_sync(path: Path) -> tuple[str, int]:
+    """Return the SHA-256 and size of ``path`` after fsyncing it."""
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+        os.fsync(fh.fileno())
+    return sha.hexdigest(), size
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
