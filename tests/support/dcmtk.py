@@ -129,11 +129,15 @@ class StoreSCP:
     """A running dcmtk storescp that writes what it receives, bit-preserving."""
 
     def __init__(
-        self, folder: Path, ae_title: str = "PACS", extra: tuple[str, ...] = ()
+        self,
+        folder: Path,
+        ae_title: str = "PACS",
+        extra: tuple[str, ...] = (),
+        port: int | None = None,
     ):
         self.folder = folder
         self.ae_title = ae_title
-        self.port = free_port()
+        self.port = port or free_port()
         folder.mkdir(parents=True, exist_ok=True)
         self._log = open(folder.parent / f"storescp-{self.port}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(

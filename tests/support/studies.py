@@ -51,6 +51,7 @@ def make_instance(
     for keyword in omit:
         delattr(ds, keyword)
     path.parent.mkdir(parents=True, exist_ok=True)
+    ds.preamble = b"\x00" * 128  # a Part 10 file, as modalities write them
     ds.save_as(path, enforce_file_format=False)
     return path
 

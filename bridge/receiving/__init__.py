@@ -1,0 +1,1 @@
+"""The receiving side: open verified envelopes, forward instances to local PACS."""

@@ -1,0 +1,124 @@
+"""The forward job: store an opened envelope's instances into one local PACS.
+
+One job per envelope and destination. Its payload keeps the instances that
+remain (paths relative to the opened folder), those refused for good with
+their reasons, and how many were delivered, so that a retry sends only what
+remains. When every instance that can be delivered is, the instances refused
+for good stay behind in the job, which goes to dead-letter with the reasons:
+an operator sees them and can send them again. Storage commitment results are
+recorded in the envelope's details.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from bridge.dicom.forwarder import Destination, ForwardResult, forward
+from bridge.dicom.forwarder import Outcome as InstanceOutcome
+from bridge.spool import Spool, validate_envelope_id
+from bridge.store import Job, NewJob, Store
+from bridge.workers.base import JobContext, Outcome
+
+logger = logging.getLogger(__name__)
+
+ResultHook = Callable[[str, ForwardResult], None]  # (destination, result)
+
+
+class Forwarder:
+    """The ``forward`` job handler; see the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        spool: Spool,
+        destinations: dict[str, Destination],
+        on_result: ResultHook | None = None,
+        receipts: bool = True,
+    ):
+        self.store = store
+        self.spool = spool
+        self.destinations = destinations
+        self.on_result = on_result or (lambda name, result: None)
+        self.receipts = receipts
+
+    def __call__(self, job: Job, ctx: JobContext) -> Outcome:
+        """Send what remains of the job's instances; see the module docstring."""
+        env_id = validate_envelope_id(job.payload["envelope_id"])
+        dest = self.destinations.get(job.target)
+        if dest is None:
+            return Outcome.dead(
+                f"destination {job.target!r} is not configured", target_failed=False
+            )
+        base = self.spool.envelope_path("opened", env_id)
+        remaining = list(job.payload.get("remaining", []))
+        failed = dict(job.payload.get("failed", {}))
+        delivered = int(job.payload.get("delivered", 0))
+        if not remaining and failed:
+            # An operator re-sent a dead-lettered job: try the refused ones again.
+            remaining, failed = sorted(failed), {}
+
+        result = forward(dest, [base / rel for rel in remaining])
+        self.on_result(dest.name, result)
+
+        retry, reasons = [], []
+        for rel, inst in zip(remaining, result.instances, strict=True):
+            if inst.outcome is InstanceOutcome.DELIVERED:
+                delivered += 1
+            elif inst.outcome is InstanceOutcome.RETRYABLE:
+                retry.append(rel)
+                reasons.append(inst.reason)
+            else:
+                failed[rel] = inst.reason
+        payload = {
+            **job.payload,
+            "remaining": retry,
+            "failed": failed,
+            "delivered": delivered,
+        }
+        if result.commitment is not None:
+            self._record_commitment(env_id, dest.name, result)
+
+        if retry:
+            return Outcome.retry(
+                f"{len(retry)} instances not stored yet: {reasons[0]}", payload=payload
+            )
+        if failed:
+            first = next(iter(failed.values()))
+            return Outcome.dead(
+                f"{len(failed)} instances refused by {dest.name}: {first}",
+                payload={**payload, "remaining": []},
+                target_failed=False,
+            )
+        logger.info(
+            "envelope forwarded envelope=%s dest=%s instances=%d",
+            env_id,
+            dest.name,
+            delivered,
+        )
+        jobs = []
+        if self.receipts and job.payload.get("sender"):
+            jobs.append(
+                NewJob(
+                    "receipt",
+                    f"receipt:{env_id}:{dest.name}",
+                    payload={"envelope_id": env_id, "sender": job.payload["sender"]},
+                )
+            )
+        return Outcome.done(payload=payload, jobs=jobs)
+
+    def _record_commitment(self, env_id: str, dest: str, result: ForwardResult) -> None:
+        env = self.store.get_envelope(env_id, "in")
+        if env is None:
+            return
+        details = dict(env.details)
+        commitments = dict(details.get("storage_commitment", {}))
+        commitments[dest] = {
+            "state": result.commitment.state,
+            "transaction_uid": result.commitment.transaction_uid,
+            "failed": len(result.commitment.failed_uids),
+        }
+        details["storage_commitment"] = commitments
+        self.store.set_envelope_state(
+            env_id, "in", env.state, reason=env.reason, details=details
+        )
