@@ -139,6 +139,12 @@ class Ingest:
         except Exception as exc:  # pydicom raises many types on bad input
             return Receipt(rejection=Rejection.UNREADABLE, detail=type(exc).__name__)
 
+        # pydicom reads much damage leniently; a data set in which not one of
+        # the identifying attributes could be found was not understood at all.
+        if not any(keyword in ds for keyword in _REQUIRED_UIDS):
+            return Receipt(
+                rejection=Rejection.UNREADABLE, detail="no identifying attributes"
+            )
         problem = _uid_problem(ds, sop_class_uid, sop_instance_uid)
         if problem:
             return Receipt(rejection=Rejection.INVALID, detail=problem)

@@ -1,0 +1,97 @@
+"""The spool folder: content-addressed instances, envelope names, free space."""
+
+import hashlib
+import os
+
+import pytest
+
+from bridge.errors import SpoolError
+from bridge.spool import Spool, new_envelope_id
+
+
+@pytest.fixture
+def spool(tmp_path):
+    return Spool(tmp_path / "spool")
+
+
+def test_adopt_instance_renames_the_file_to_its_digest(spool):
+    src = spool.incoming / "tmp123.dcm"
+    src.write_bytes(b"dicom bytes")
+    digest = hashlib.sha256(b"dicom bytes").hexdigest()
+
+    stored = spool.adopt_instance(src)
+
+    assert stored.path == f"instances/{digest[:2]}/{digest}.dcm"
+    assert stored.digest == digest
+    assert stored.size_bytes == 11
+    assert spool.path_of(stored.path).read_bytes() == b"dicom bytes"
+    assert not src.exists()
+
+
+def test_adopting_identical_bytes_twice_keeps_one_file(spool):
+    for name in ("a.dcm", "b.dcm"):
+        (spool.incoming / name).write_bytes(b"same")
+        stored = spool.adopt_instance(spool.incoming / name)
+    assert len(list((spool.root / "instances").rglob("*.dcm"))) == 1
+    assert spool.path_of(stored.path).read_bytes() == b"same"
+
+
+def test_import_instance_leaves_the_source_in_place(spool, tmp_path):
+    src = tmp_path / "outside.dcm"
+    src.write_bytes(b"outside")
+    stored = spool.import_instance(src)
+    assert src.read_bytes() == b"outside"
+    assert spool.path_of(stored.path).read_bytes() == b"outside"
+    assert list(spool.incoming.iterdir()) == []
+
+
+def test_adopt_instance_raises_spool_error_for_a_missing_file(spool):
+    with pytest.raises(SpoolError):
+        spool.adopt_instance(spool.incoming / "gone.dcm")
+
+
+def test_path_of_refuses_a_path_outside_the_spool(spool):
+    with pytest.raises(SpoolError):
+        spool.path_of("../elsewhere/file.dcm")
+
+
+def test_envelope_path_accepts_a_generated_id(spool):
+    envelope_id = new_envelope_id()
+    assert spool.envelope_path("outbox", envelope_id) == (
+        spool.root / "outbox" / f"{envelope_id}.zip"
+    )
+    assert spool.envelope_path("opened", envelope_id) == (
+        spool.root / "opened" / envelope_id
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["../../etc/passwd", "not-a-uuid", "0F8E2B1C-2D3E-4F50-8A9B-0C1D2E3F4A5B", ""],
+)
+def test_envelope_path_refuses_ids_that_are_not_canonical_uuids(spool, bad):
+    with pytest.raises(SpoolError):
+        spool.envelope_path("inbox", bad)
+
+
+def test_envelope_path_refuses_an_unknown_folder(spool):
+    with pytest.raises(SpoolError):
+        spool.envelope_path("instances", new_envelope_id())
+
+
+def test_has_room_compares_free_space_with_both_watermarks(spool):
+    space = spool.disk_space()
+    assert spool.has_room(min_free_bytes=0, min_free_ratio=0.0)
+    assert not spool.has_room(min_free_bytes=space.total_bytes + 1)
+    assert not spool.has_room(min_free_ratio=1.0 + 1e-9)
+
+
+def test_sweep_incoming_removes_only_old_partial_files(spool):
+    old = spool.incoming / "old.dcm"
+    new = spool.incoming / "new.dcm"
+    old.write_bytes(b"x")
+    new.write_bytes(b"y")
+    os.utime(old, (1, 1))
+    assert spool.sweep_incoming(older_than_seconds=60) == 1
+    assert not old.exists()
+    assert new.exists()
