@@ -157,8 +157,10 @@ class Source:
             _check_name(name)
             if name in found or name.rstrip("/") in found:
                 raise UnsafeEntry(f"zip entry {name!r}: duplicate name")
-            mode = info.external_attr >> 16
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            # Unix type bits, when present (PKWARE APPNOTE 4.4.15); zips made
+            # elsewhere leave them zero, which means a regular file.
+            kind = stat.S_IFMT(info.external_attr >> 16)
+            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
                 raise UnsafeEntry(
                     f"zip entry {name!r}: links and devices are not allowed"
                 )

@@ -120,17 +120,22 @@ class TarParser:
 
     Small files named in ``keep`` are also kept in memory (``kept``) so that
     ``files.json`` and ``metadata.json`` can be read without going to disk.
-    ``limits`` maps names to the largest size allowed, once known.
+    ``limits`` maps names to the largest size allowed, once known: ``on_kept`` is
+    called with each kept file as soon as it is complete, and may fill it in.
     """
 
     def __init__(
-        self, sink: Sink, keep: Iterable[str] = (), keep_limit: int = 64 << 20
+        self,
+        sink: Sink,
+        keep: Iterable[str] = (),
+        keep_limit: int = 64 << 20,
+        on_kept: Callable[[str, bytes], None] | None = None,
     ):
         self.sink = sink
         self.members: dict[str, Member] = {}
         self.kept: dict[str, bytes] = {}
         self.limits: dict[str, int] = {}
-        self._keep = set(keep)
+        self._keep, self._on_kept = set(keep), on_kept
         self._keep_limit = keep_limit
         self._buf = bytearray()
         self._state = "header"
@@ -243,6 +248,8 @@ class TarParser:
             self.sink.end()
             if self._kept is not None:
                 self.kept[member.name] = bytes(self._kept)
+                if self._on_kept:
+                    self._on_kept(member.name, self.kept[member.name])
             self._current = None
         elif self._meta_kind == tarfile.XHDTYPE:
             self._pax, self._meta_kind = _parse_pax(bytes(self._meta)), b""

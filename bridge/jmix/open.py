@@ -114,6 +114,15 @@ def _looks_like_tar(block: bytes) -> bool:
     return True
 
 
+def _limits(parser: TarParser, name: str, data: bytes) -> None:
+    """Once ``files.json`` is read, no later entry may exceed the size it declares."""
+    if name == "files.json":
+        declared = parse_files(load_json(data, "files.json"))
+        parser.limits = {
+            rel: size for rel, (size, _) in declared.items() if size is not None
+        }
+
+
 class _Decryptor:
     """Decrypt one ciphertext entry, trying the dialects' key derivations."""
 
@@ -148,7 +157,11 @@ class _Decryptor:
 
     def _pass(self, dialect: Dialect, sink: Sink | None, progress: Progress | None):
         opener = Opener(derive_key(self.secret, dialect.info), self.iv, self.tag)
-        parser = TarParser(sink, keep=_DOCS) if sink is not None else None
+        parser = None
+        if sink is not None:
+            parser = TarParser(
+                sink, keep=_DOCS, on_kept=lambda name, data: _limits(parser, name, data)
+            )
         cipher_hash, plain_hash = hashlib.sha256(), hashlib.sha256()
         deferred: EnvelopeError | None = None
         total, done = self.source.names[self.name], 0
