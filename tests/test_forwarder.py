@@ -199,6 +199,17 @@ def test_instance_without_decoder_is_permanent_with_reason(tmp_path, scripted):
     )
 
 
+def test_file_without_meta_header_is_permanent_and_others_go(tmp_path, storescp):
+    no_meta = Path(get_testdata_file("no_meta.dcm", download=False))
+    files = [no_meta, *_study(tmp_path / "in", ["CT_small.dcm"])]
+
+    bad, good = forward(_dest(storescp.port), files).instances
+
+    assert (bad.outcome, bad.sop_instance_uid) == (Outcome.PERMANENT, "")
+    assert bad.reason.startswith("unreadable file")
+    assert good.outcome is Outcome.DELIVERED
+
+
 def test_failure_statuses_are_retryable_or_permanent_by_class(tmp_path, scripted):
     files = _study(tmp_path / "in", ["CT_small.dcm"], copies=4)
     answers = dict(

@@ -14,7 +14,6 @@ decompressing the pixel data with pydicom. Conversion is the exception.
 """
 
 import contextlib
-import enum
 import logging
 import socket
 import ssl
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
@@ -41,7 +41,26 @@ from pynetdicom.sop_class import (
     StorageCommitmentPushModelInstance,
 )
 
+from bridge.dicom.outcomes import (
+    Commitment,
+    ForwardResult,
+    InstanceResult,
+    Outcome,
+    classify_status,
+)
 from bridge.errors import PermanentTransportError, RetryableTransportError
+
+__all__ = [
+    "Commitment",
+    "Destination",
+    "ForwardResult",
+    "InstanceResult",
+    "Outcome",
+    "TLSSettings",
+    "classify_status",
+    "forward",
+    "ssl_context",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +82,6 @@ _MAX_FRUITLESS_ASSOCIATIONS = 2
 # N-EVENT-REPORT event types of its answer (1: all stored, 2: failures exist).
 _COMMIT_ACTION = 1
 _COMMIT_ALL_STORED = 1
-
-
-class Outcome(enum.StrEnum):
-    """What became of one instance."""
-
-    DELIVERED = "delivered"
-    RETRYABLE = "retryable"
-    PERMANENT = "permanent"
 
 
 @dataclass(frozen=True)
@@ -104,97 +115,6 @@ class Destination:
     max_pdu: int = 0
     storage_commitment: bool = False
     commitment_wait: float = 2.0
-
-
-@dataclass(frozen=True)
-class InstanceResult:
-    """The outcome of one file; ``status`` is the DIMSE status, None if none came.
-
-    ``sop_instance_uid`` is empty when the file could not be read at all.
-    ``converted`` is true when the instance went out in another transfer syntax
-    than its file's.
-    """
-
-    path: Path
-    sop_instance_uid: str
-    outcome: Outcome
-    status: int | None
-    reason: str
-    converted: bool = False
-
-
-@dataclass(frozen=True)
-class Commitment:
-    """The storage commitment of one :func:`forward` call (PS3.4 Annex J).
-
-    ``state`` is ``requested`` (the peer took the request; its answer comes
-    later, on another association), ``committed``, ``failed`` or
-    ``unsupported`` (the peer does not do storage commitment).
-    """
-
-    state: str
-    transaction_uid: str | None = None
-    failed_uids: tuple[str, ...] = ()
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class ForwardResult:
-    """What :func:`forward` did: one result per input file, in input order."""
-
-    destination: str
-    instances: tuple[InstanceResult, ...]
-    commitment: Commitment | None
-    associations: int
-    seconds: float
-
-    def by_uid(self) -> dict[str, InstanceResult]:
-        """Return the results keyed by SOP Instance UID (unreadable files left out)."""
-        return {r.sop_instance_uid: r for r in self.instances if r.sop_instance_uid}
-
-    def count(self, outcome: Outcome) -> int:
-        """Return how many instances ended with ``outcome``."""
-        return sum(1 for r in self.instances if r.outcome is outcome)
-
-    @property
-    def converted(self) -> int:
-        """How many delivered instances went out in a converted transfer syntax."""
-        return sum(1 for r in self.instances if r.converted)
-
-    @property
-    def remaining(self) -> list[Path]:
-        """The files worth sending again later: those with a retryable outcome."""
-        return [r.path for r in self.instances if r.outcome is Outcome.RETRYABLE]
-
-
-def classify_status(status: int) -> tuple[Outcome, str]:
-    """Return the outcome and a reason for a C-STORE response status."""
-    # PS3.4 B.2.3 Table B.2-1 and PS3.7 C.1: success and every warning mean
-    # the SCP has the instance (B000 coercion, B006 elements discarded, B007
-    # data set does not match SOP class; 0001/0107/0116 general warnings).
-    if status == 0x0000:
-        return Outcome.DELIVERED, "success"
-    if status & 0xF000 == 0xB000 or status in (0x0001, 0x0107, 0x0116):
-        return Outcome.DELIVERED, f"warning 0x{status:04X}"
-    # Refused: out of resources (A7xx) and resource limitation (PS3.7 C.5.18)
-    # describe the SCP's state, not the data set: they may clear. A cancel
-    # (FE00) or a duplicate message ID (0210) cannot recur on a new association.
-    if status & 0xFF00 == 0xA700 or status == 0x0213:
-        return Outcome.RETRYABLE, f"refused: out of resources 0x{status:04X}"
-    if status in (0xFE00, 0x0210):
-        return Outcome.RETRYABLE, f"cancelled or duplicate 0x{status:04X}"
-    # Error: data set does not match SOP class (A9xx) and cannot understand
-    # (Cxxx) are about the data set itself: the same bytes fail again. So do
-    # SOP class not supported (0122), not authorised (0124), invalid SOP
-    # instance (0117) and every failure code the standard does not list.
-    if status & 0xFF00 == 0xA900:
-        return (
-            Outcome.PERMANENT,
-            f"error: data set does not match SOP class 0x{status:04X}",
-        )
-    if status & 0xF000 == 0xC000:
-        return Outcome.PERMANENT, f"error: cannot understand 0x{status:04X}"
-    return Outcome.PERMANENT, f"failure 0x{status:04X}"
 
 
 def ssl_context(tls: TLSSettings) -> ssl.SSLContext:
@@ -235,6 +155,9 @@ class _Run:
     results: dict[int, InstanceResult] = field(default_factory=dict)
     associations: int = 0
     delivered_refs: list[tuple[str, str]] = field(default_factory=list)
+    # What the handlers of the current association caught: its A-ASSOCIATE
+    # response and a storage commitment report. One association at a time.
+    reply: dict = field(default_factory=dict)
 
 
 def forward(
@@ -327,7 +250,7 @@ def _read_headers(files: list[Path], run: _Run) -> list[_Item]:
                 UID(meta.MediaStorageSOPInstanceUID),
                 UID(meta.TransferSyntaxUID),
             )
-        except (OSError, ValueError, AttributeError, EOFError) as exc:
+        except (OSError, ValueError, AttributeError, InvalidDicomError) as exc:
             run.results[index] = InstanceResult(
                 path, "", Outcome.PERMANENT, None, f"unreadable file: {exc}"
             )
@@ -400,7 +323,7 @@ def _associate(run: _Run, batch: list[_Item], tls_args, *, commit: bool):
     ae.dimse_timeout = dest.dimse_timeout
     ae.network_timeout = dest.network_timeout
     ae.connection_timeout = dest.connection_timeout
-    reply: dict = {"reported": threading.Event()}
+    reply = run.reply = {"reported": threading.Event()}
     handlers = [
         (evt.EVT_ACSE_RECV, _keep_associate_reply, [reply]),
         (evt.EVT_N_EVENT_REPORT, _on_commitment_report, [reply]),
@@ -422,7 +345,6 @@ def _associate(run: _Run, batch: list[_Item], tls_args, *, commit: bool):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        assoc.bridge_reply = reply
         return assoc, None
 
     where = f"dest={dest.name} {dest.host}:{dest.port}"
@@ -568,8 +490,9 @@ def _payload(assoc, item: _Item) -> tuple[Path | Dataset | None, bool, str]:
             if not available:
                 raise LookupError("no decoder")
             ds = dcmread(item.path)
-            # Keep the SOP Instance UID: a change of transfer syntax does not
-            # make a new instance (PS3.5 10), and the receiver merges by it.
+            # Keep the SOP Instance UID: decoding changes the encoding, not the
+            # pixel values the instance already had, and the receiver merges
+            # by this UID.
             ds.decompress(generate_instance_uid=False)
         elif item.syntax == ExplicitVRBigEndian:
             raise LookupError("byte order conversion is not supported")
@@ -653,7 +576,7 @@ def _request_commitment(run: _Run, assoc, tls_args) -> Commitment:
             ref.ReferencedSOPClassUID = sop_class
             ref.ReferencedSOPInstanceUID = sop_instance
             info.ReferencedSOPSequence.append(ref)
-        reply = assoc.bridge_reply
+        reply = run.reply
         reply["transaction"] = transaction
         status, _ = assoc.send_n_action(
             info,
