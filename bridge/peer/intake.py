@@ -1,0 +1,154 @@
+"""Taking in a received envelope: check it, record it, queue it for opening.
+
+Both inbound transports end here: the HTTP API (:mod:`bridge.peer.server`)
+once the body is on disk, and the drop-folder watcher
+(:mod:`bridge.peer.dropfolder`) once a complete file has appeared. The check is
+the cheap one a receiver can make before answering the sender: the archive is a
+well-formed envelope whose id is a UUID, and it comes from the sender it claims,
+as its trust setting demands (``JMIX.md`` section 4). Decrypting and checking
+every file is the opener's work, on the queued ``open`` job.
+
+An id is refused as a duplicate when an inbound envelope with that id is
+recorded or was accepted (``Store.is_seen``); nothing new is kept then.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bridge import jmix
+from bridge.errors import MalformedEnvelope, SpoolError
+
+# The one private import: reading the sender's documents out of a zip whose
+# envelope sits at the root or under one folder is the library's own logic.
+from bridge.jmix._archive import Source
+from bridge.peer.settings import InboundSender
+from bridge.spool import Spool, fsync_rename, validate_envelope_id
+from bridge.store.base import Envelope, NewJob, Store
+
+logger = logging.getLogger(__name__)
+
+OPEN_QUEUE = "open"
+MANIFEST_LIMIT = 1 << 20  # bytes of manifest.json or manifest.jws read at most
+
+
+@dataclass(frozen=True)
+class Checked:
+    """An envelope that passed the intake check."""
+
+    envelope_id: str
+    signer: str  # the signing key's fingerprint, "" when unsigned (transport trust)
+
+
+class Intake:
+    """Checks, records and queues received envelopes; thread-safe.
+
+    ``senders`` are every peer allowed to send to us; each one's pinned signing
+    keys form its own trust store, so that one sender cannot pass an envelope
+    signed by another's key.
+    """
+
+    def __init__(self, store: Store, spool: Spool, senders: Iterable[InboundSender]):
+        self.store = store
+        self.spool = spool
+        self._trust = {s.name: jmix.TrustStore(s.signing_keys) for s in senders}
+        # One lock orders "is it new?" and "record it" for every transport, so two
+        # copies of one envelope arriving together cannot both be recorded.
+        self._lock = threading.Lock()
+
+    def check(self, path: Path, sender: InboundSender) -> Checked:
+        """Return the id and signer of the envelope zip at ``path`` from ``sender``.
+
+        Raises MalformedEnvelope (not an envelope, or its id is not a UUID) or a
+        VerificationFailed subclass (not from this sender as its trust demands).
+        """
+        manifest, manifest_bytes, jws = _sender_documents(path)
+        raw_id = manifest.get("id", "")
+        try:
+            envelope_id = validate_envelope_id(str(raw_id).lower())
+        except SpoolError as exc:
+            raise MalformedEnvelope(f"manifest.json id: {exc}") from exc
+
+        # A sender trusted on its transport credential may send clear envelopes
+        # (Harmony neither encrypts nor signs); one trusted on its signature may
+        # not (JMIX.md section 4).
+        policy = jmix.OpenPolicy(
+            trust=sender.trust, require_encryption=sender.trust == "signed"
+        )
+        signer = jmix.check_sender(
+            manifest,
+            jws,
+            self._trust[sender.name],
+            policy,
+            manifest_bytes=manifest_bytes,
+        )
+        return Checked(envelope_id, signer or "")
+
+    def is_known(self, envelope_id: str) -> bool:
+        """Return True when an inbound envelope with this id is recorded or seen."""
+        return self.store.is_seen(envelope_id) or (
+            self.store.get_envelope(envelope_id, "in") is not None
+        )
+
+    def accept(self, part: Path, checked: Checked, sender: InboundSender) -> bool:
+        """Move ``part`` (a file in the spool) to ``inbox/<id>.zip`` and record it.
+
+        Records the envelope as ``stored`` and enqueues its ``open`` job in one
+        transaction. Returns False, leaving ``part`` where it is, when the id is
+        known already. Raises SpoolError or StoreError.
+        """
+        envelope_id = checked.envelope_id
+        dest = self.spool.envelope_path("inbox", envelope_id)
+        size = part.stat().st_size
+        env = Envelope(
+            id=envelope_id,
+            direction="in",
+            peer=sender.name,
+            path=self.spool.relative(dest),
+            size_bytes=size,
+            state="stored",
+            details={"trust": sender.trust, "signer": checked.signer},
+        )
+        job = NewJob(
+            queue=OPEN_QUEUE,
+            key=f"open:{envelope_id}",
+            payload={"envelope_id": envelope_id, "sender": sender.name},
+        )
+
+        with self._lock:
+            if self.is_known(envelope_id):
+                return False
+            # A file already at dest has no record (checked just above): it was
+            # left by a crash between the rename and the commit, so replace it.
+            fsync_rename(part, dest)
+            if not self.store.put_envelope(env, jobs=[job]):
+                # Recorded meanwhile by another process sharing the store; the
+                # file we moved holds the same envelope id, so leave it.
+                return False
+
+        logger.info(
+            "envelope received envelope=%s sender=%s bytes=%d trust=%s",
+            envelope_id,
+            sender.name,
+            size,
+            sender.trust,
+        )
+        return True
+
+
+def _sender_documents(path: Path) -> tuple[dict, bytes, bytes | None]:
+    """Return the manifest, its exact bytes and ``manifest.jws`` (None if absent).
+
+    Raises MalformedEnvelope when the zip holds no well-formed manifest.
+    """
+    manifest = jmix.read_manifest(path)
+    with Source(path) as source:
+        manifest_bytes = source.read_small("manifest.json", MANIFEST_LIMIT)
+        jws = None
+        if "manifest.jws" in source.names:
+            jws = source.read_small("manifest.jws", MANIFEST_LIMIT)
+    return manifest, manifest_bytes, jws
