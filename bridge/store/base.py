@@ -367,9 +367,14 @@ class Store(abc.ABC):
         queue: str | None = None,
         state: JobState | None = None,
         target: str | None = None,
+        key_prefix: str | None = None,
         limit: int = 100,
     ) -> list[Job]:
-        """Return jobs matching every given filter, oldest first."""
+        """Return jobs matching every given filter, oldest first.
+
+        ``key_prefix`` selects the jobs whose key starts with it (for example
+        every forward job of one envelope).
+        """
 
     @abc.abstractmethod
     def job_counts(self) -> list[JobCount]:

@@ -684,11 +684,16 @@ class SQLiteStore(Store):
         queue: str | None = None,
         state: JobState | None = None,
         target: str | None = None,
+        key_prefix: str | None = None,
         limit: int = 100,
     ) -> list[Job]:
         where, args = _filters(
             queue=queue, state=state and JobState(state).value, target=target
         )
+        if key_prefix is not None:
+            # substr, not LIKE: a key may hold '%' or '_'.
+            where += (" AND " if where else "WHERE ") + "substr(key, 1, ?) = ?"
+            args = (*args, len(key_prefix), key_prefix)
         rows = self._read(
             f"SELECT * FROM jobs {where} ORDER BY id LIMIT ?",  # noqa: S608
             (*args, limit),
