@@ -180,7 +180,8 @@ class PeerSettings:
     name: str
     entity: EntitySettings
     encryption_key: Path  # the peer's encryption.pub
-    url: str = ""
+    url: str = ""  # the peer's base address; envelopes go to <url>/api/jmix
+    signing_key: Path | None = None  # the peer's signing.pub, checks its receipts
     transport: Literal["http", "drop"] = "http"
     drop_folder: Path | None = None
     token: Secret = _secret_field()
@@ -307,15 +308,28 @@ def load_config(
         except yaml.YAMLError as exc:
             raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
         base = path.resolve().parent
-    problems: list[str] = []
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: expected a mapping at the top level"])
+    config = config_from_mapping(raw, base, env=env, check_files=check_files)
+    return dataclasses.replace(config, source=Path(path).resolve() if path else None)
+
+
+def config_from_mapping(
+    raw: dict,
+    base: Path,
+    *,
+    env: dict[str, str] | None = None,
+    check_files: bool = True,
+) -> Config:
+    """Validate a configuration given as a mapping (as YAML would give it).
+
+    Relative paths are taken relative to ``base``. Raises ConfigError.
+    """
+    env = os.environ if env is None else env
+    problems: list[str] = []
     config = _build(Config, raw, "", problems, base)
     if config is not None:
-        config = dataclasses.replace(
-            _apply_env(config, env),
-            source=Path(path).resolve() if path else None,
-        )
+        config = _apply_env(config, env)
         problems += cross_check(config, check_files=check_files)
     if problems:
         raise ConfigError(problems)
@@ -529,6 +543,7 @@ def cross_check(config: Config, *, check_files: bool = True) -> list[str]:
             problems.append(f"{where}.drop_folder: required when transport is drop")
         if check_files:
             _check_file(f"{where}.encryption_key", peer.encryption_key, problems)
+            _check_file(f"{where}.signing_key", peer.signing_key, problems)
             _check_tls(f"{where}.tls", peer.tls, problems)
     for i, sender in enumerate(config.senders):
         where = f"senders[{i}]"
