@@ -269,6 +269,14 @@ def _read_headers(files: list[Path], run: _Run) -> list[_Item]:
     return items
 
 
+def _syntaxes_by_class(items: list[_Item]) -> dict[UID, set[UID]]:
+    """Return the transfer syntaxes of ``items`` per SOP class, in first-seen order."""
+    by_class: dict[UID, set[UID]] = {}
+    for item in items:
+        by_class.setdefault(item.sop_class, set()).add(item.syntax)
+    return by_class
+
+
 def _contexts_for(syntaxes: set[UID]) -> list[list[UID]]:
     """Return the transfer syntax lists to propose for one SOP class."""
     # One context per syntax the files have, alone, so that the SCP cannot pick
@@ -283,14 +291,10 @@ def _contexts_for(syntaxes: set[UID]) -> list[list[UID]]:
 
 def _plan_batches(items: list[_Item], commitment: bool) -> list[list[_Item]]:
     """Split the items into as few associations as 128 contexts allow."""
-    by_class: dict[UID, set[UID]] = {}
-    for item in items:
-        by_class.setdefault(item.sop_class, set()).add(item.syntax)
-
     budget = MAX_CONTEXTS - (1 if commitment else 0)
     groups: list[set[UID]] = [set()]
     used = 0
-    for sop_class, syntaxes in by_class.items():
+    for sop_class, syntaxes in _syntaxes_by_class(items).items():
         need = len(_contexts_for(syntaxes))
         if used + need > budget and groups[-1]:
             groups.append(set())
@@ -307,12 +311,9 @@ def _associate(run: _Run, batch: list[_Item], tls_args, *, commit: bool):
     error is a RetryableTransportError or PermanentTransportError.
     """
     dest = run.dest
-    by_class: dict[UID, set[UID]] = {}
-    for item in batch:
-        by_class.setdefault(item.sop_class, set()).add(item.syntax)
     contexts = [
         build_context(sop_class, syntaxes)
-        for sop_class, all_syntaxes in by_class.items()
+        for sop_class, all_syntaxes in _syntaxes_by_class(batch).items()
         for syntaxes in _contexts_for(all_syntaxes)
     ]
     if commit:
