@@ -392,12 +392,22 @@ def server_ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
 
 
 class PeerServer:
-    """Runs an application on its own event loop in a background thread."""
+    """Runs an application on its own event loop in a background thread.
 
-    def __init__(self, app: web.Application, settings: ServerSettings):
+    On :meth:`stop`, requests in flight get ``shutdown_seconds`` to finish; an
+    upload cut off then stores nothing, and its sender tries again.
+    """
+
+    def __init__(
+        self,
+        app: web.Application,
+        settings: ServerSettings,
+        shutdown_seconds: float = 5.0,
+    ):
         self.app = app
         self.settings = settings
         self.port = settings.port
+        self.shutdown_seconds = shutdown_seconds
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -407,7 +417,8 @@ class PeerServer:
     def start(self, timeout: float = 30.0) -> None:
         """Bind and start serving; return once the socket accepts connections.
 
-        Raises OSError when the address cannot be bound.
+        Raises OSError when the address cannot be bound, ssl.SSLError or OSError
+        when the TLS files cannot be loaded.
         """
         self._thread = threading.Thread(target=self._run, name="peer-api", daemon=True)
         self._thread.start()
@@ -429,19 +440,18 @@ class PeerServer:
             loop.run_until_complete(self._start())
         except BaseException as exc:
             self._error = exc
-            self._ready.set()
-            loop.close()
-            return
         self._ready.set()
-        try:
+        if self._error is None:
             loop.run_forever()
-        finally:
-            loop.run_until_complete(self._runner.cleanup())
-            loop.close()
+        loop.close()
 
     async def _start(self) -> None:
         self._runner = web.AppRunner(
-            self.app, lingering_time=0, access_log=None, handle_signals=False
+            self.app,
+            lingering_time=0,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.shutdown_seconds,
         )
         await self._runner.setup()
         site = web.TCPSite(
@@ -453,9 +463,15 @@ class PeerServer:
         await site.start()
         self.port = self._runner.addresses[0][1]
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop serving and wait for the loop's thread to end."""
-        if self._loop is None or self._thread is None:
+    def stop(self) -> None:
+        """Stop accepting, let requests in flight finish, and end the loop's thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive():
             return
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout)
+        if self._runner is not None:
+            done = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop)
+            with contextlib.suppress(Exception):
+                done.result(self.shutdown_seconds + 5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(self.shutdown_seconds + 5)
+        logger.info("peer api stopped port=%d", self.port)
