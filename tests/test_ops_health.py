@@ -1,0 +1,79 @@
+"""Liveness and readiness: /healthz always, /readyz naming the failing checks."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from bridge.ops.health import Check, flag, run_checks, spool_has_room
+from tests.test_ops_support import served_bridge
+
+
+@pytest.fixture
+def bridge(tmp_path):
+    """A served ops app over an empty store."""
+    yield from served_bridge(tmp_path)
+
+
+def test_healthz_answers_200_without_credentials(bridge):
+    response = bridge.get("/healthz", token=None)
+
+    assert response.status_code == 200
+
+
+def test_readyz_answers_200_when_every_check_passes(bridge):
+    response = bridge.get("/readyz", token=None)
+
+    assert response.status_code == 200
+    assert response.json() == {"ready": True, "checks": {"store": "ok", "spool": "ok"}}
+
+
+def test_readyz_answers_503_naming_the_spool_under_its_watermark(bridge):
+    bridge.ctx.checks[1] = spool_has_room(bridge.spool, 2**62, 0.0)
+
+    response = bridge.get("/readyz", token=None)
+
+    assert response.status_code == 503
+    body = response.json()
+    assert body["ready"] is False
+    assert body["failing"] == ["spool"]
+    assert "watermark" in body["checks"]["spool"]
+    assert body["checks"]["store"] == "ok"
+
+
+def test_readyz_answers_503_naming_the_store_when_it_cannot_write(bridge):
+    # Another process holding the write lock is what a stuck or full database
+    # looks like from here; the store gives up after its busy timeout.
+    blocker = sqlite3.connect(bridge.store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        response = bridge.get("/readyz", token=None)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    assert response.status_code == 503
+    assert response.json()["failing"] == ["store"]
+    assert "StoreError" in response.json()["checks"]["store"]
+
+
+def test_readyz_names_a_listener_that_is_not_bound(bridge):
+    bridge.ctx.checks.append(
+        flag("listener", lambda: False, "DICOM listener is not bound")
+    )
+
+    response = bridge.get("/readyz", token=None)
+
+    assert response.status_code == 503
+    assert response.json()["checks"]["listener"] == "DICOM listener is not bound"
+
+
+def test_a_check_that_raises_counts_as_failing():
+    def broken():
+        raise OSError("keys folder unreadable")
+
+    result = run_checks([Check("keys", broken), Check("fine", lambda: None)])
+
+    assert not result.ready
+    assert result.checks == {"keys": "OSError: keys folder unreadable", "fine": "ok"}
