@@ -52,6 +52,14 @@ CANNOT_UNDERSTAND = 0xC000
 NOT_AUTHORIZED = 0x0124
 DUPLICATE_SOP_INSTANCE = 0x0111
 
+# The process-wide pynetdicom switches the listener sets, and restores on stop.
+_PYNETDICOM_SWITCHES = (
+    "STORE_RECV_CHUNKED_DATASET",
+    "UNRESTRICTED_STORAGE_SERVICE",
+    "LOG_REQUEST_IDENTIFIERS",
+    "LOG_RESPONSE_IDENTIFIERS",
+)
+
 _REJECTION_STATUS = {
     Rejection.UNREADABLE: CANNOT_UNDERSTAND,
     Rejection.INVALID: DATA_SET_MISMATCH,
@@ -181,6 +189,8 @@ class Listener:
         self._server = None
         self._ae: AE | None = None
         self._allowed: dict[str, frozenset[str] | None] = {}
+        self._saved: dict[str, object] = {}
+        self._saved_tempfile = NamedTemporaryFile
 
     @property
     def port(self) -> int:
@@ -223,13 +233,17 @@ class Listener:
         )
 
     def stop(self) -> None:
-        """Stop accepting, end open associations and close the socket."""
+        """Stop accepting, end open associations, close the socket and give
+        pynetdicom's process-wide switches back their earlier values."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+            self._restore_pynetdicom()
             logger.info("listener stopped ae_title=%s", self.settings.ae_title)
 
     def _configure_pynetdicom(self) -> None:
+        self._saved = {name: getattr(_config, name) for name in _PYNETDICOM_SWITCHES}
+        self._saved_tempfile = dimse_messages.NamedTemporaryFile
         # Stream each data set to a file instead of decoding it (FIELD-NOTES).
         _config.STORE_RECV_CHUNKED_DATASET = True
         # Accept every storage SOP class, private and future ones included, in
@@ -246,6 +260,11 @@ class Listener:
         dimse_messages.NamedTemporaryFile = functools.partial(
             NamedTemporaryFile, dir=self.spool.incoming
         )
+
+    def _restore_pynetdicom(self) -> None:
+        for name, value in self._saved.items():
+            setattr(_config, name, value)
+        dimse_messages.NamedTemporaryFile = self._saved_tempfile
 
     # -- association policy ------------------------------------------------------
 
