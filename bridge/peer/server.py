@@ -82,7 +82,8 @@ class Authenticator:
     def identify(self, request: web.BaseRequest) -> InboundSender:
         """Return the sender that ``request`` authenticates as; raise Refused.
 
-        A sender with both a token and a pinned certificate must present both.
+        A sender with both a token and a pinned certificate must present both,
+        and credentials that name two different senders are refused.
         Comparisons run in constant time over every sender.
         """
         token = _bearer(request)
@@ -90,28 +91,33 @@ class Authenticator:
         if not token and not fp:
             raise Refused(401, "credential required", {"WWW-Authenticate": "Bearer"})
 
-        matched = None
+        by_token = by_cert = None
         for s in self.senders:
-            token_ok = bool(s.token and token) and hmac.compare_digest(
-                s.token.encode(), token.encode()
+            if (
+                s.token
+                and token
+                and hmac.compare_digest(s.token.encode(), token.encode())
+            ):
+                by_token = by_token or s
+            if (
+                s.client_cert_sha256
+                and fp
+                and hmac.compare_digest(_normalise_fp(s.client_cert_sha256), fp)
+            ):
+                by_cert = by_cert or s
+        if token and by_token is None:
+            raise Refused(
+                401,
+                "invalid credential",
+                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
-            cert_ok = bool(s.client_cert_sha256 and fp) and hmac.compare_digest(
-                _normalise_fp(s.client_cert_sha256), fp
-            )
-            if (token_ok or cert_ok) and matched is None:
-                matched = (s, token_ok, cert_ok)
-        if matched is None:
-            if token:
-                raise Refused(
-                    401,
-                    "invalid credential",
-                    {"WWW-Authenticate": 'Bearer error="invalid_token"'},
-                )
+        sender = by_token or by_cert
+        if sender is None:
             raise Refused(403, "client certificate not allowed")
-
-        sender, token_ok, cert_ok = matched
-        if (sender.token and not token_ok) or (
-            sender.client_cert_sha256 and not cert_ok
+        if by_token and by_cert and by_token is not by_cert:
+            raise Refused(403, "credentials of two different senders")
+        if (sender.token and by_token is not sender) or (
+            sender.client_cert_sha256 and by_cert is not sender
         ):
             raise Refused(403, "credential does not match the sender's settings")
         return sender
