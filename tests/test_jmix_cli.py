@@ -8,6 +8,12 @@ from bridge.cli import main
 from tests.test_jmix_roundtrip import make_study
 
 
+def pack_a_to_b(t, src, out="e.zip", *extra) -> int:
+    """Run ``pack`` from key folder ``a`` to ``b``'s encryption key."""
+    argv = ["pack", str(src), "-o", str(t / out), "--from", str(t / "a")]
+    return main([*argv, "--to", str(t / "b/encryption.pub"), *extra])
+
+
 @pytest.fixture
 def keyed(tmp_path, capsys):
     """Two key folders made by ``keygen``."""
@@ -55,18 +61,7 @@ def test_pack_open_verify_inspect_round_trip(keyed, capsys):
 def test_exit_code_3_for_an_untrusted_signer_and_2_for_malformed_input(keyed, capsys):
     t = keyed
     src = make_study(t / "src", count=1)
-    main(
-        [
-            "pack",
-            str(src),
-            "-o",
-            str(t / "e.zip"),
-            "--from",
-            str(t / "a"),
-            "--to",
-            str(t / "b/encryption.pub"),
-        ]
-    )
+    pack_a_to_b(t, str(src))
     reader = ["--key", str(t / "b"), "--trust", str(t / "c/signing.pub")]
     assert main(["verify", str(t / "e.zip"), *reader]) == 3
     (t / "junk.zip").write_bytes(b"not a zip")
@@ -78,18 +73,7 @@ def test_exit_code_3_for_an_untrusted_signer_and_2_for_malformed_input(keyed, ca
 
 def test_wrong_decryption_key_says_only_authentication_failed(keyed, capsys):
     t = keyed
-    main(
-        [
-            "pack",
-            str(make_study(t / "src", count=1)),
-            "-o",
-            str(t / "e.zip"),
-            "--from",
-            str(t / "a"),
-            "--to",
-            str(t / "b/encryption.pub"),
-        ]
-    )
+    pack_a_to_b(t, str(make_study(t / "src", count=1)))
     code = main(
         [
             "open",

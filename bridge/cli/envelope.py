@@ -94,6 +94,13 @@ def _keygen(args) -> int:
     return EXIT_OK
 
 
+def _entity(args, role: str, default_id: str) -> jmix.Entity:
+    """Build the sender or receiver from its three options."""
+    entity_id = getattr(args, f"{role}_id") or default_id
+    name = getattr(args, f"{role}_name") or entity_id
+    return jmix.Entity(entity_id, name, getattr(args, f"{role}_contact"))
+
+
 def _pack(args) -> int:
     if args.recipient is None and not args.no_encrypt:
         raise ValueError(
@@ -104,16 +111,8 @@ def _pack(args) -> int:
     recipient = None if args.no_encrypt else jmix.load_encryption_public(args.recipient)
     sender_fp = keys.signing_fingerprint
     receiver_fp = jmix.fingerprint(recipient) if recipient else "unspecified"
-    sender = jmix.Entity(
-        args.sender_id or f"key:{sender_fp}",
-        args.sender_name or args.sender_id or f"key:{sender_fp}",
-        args.sender_contact,
-    )
-    receiver = jmix.Entity(
-        args.receiver_id or f"key:{receiver_fp}",
-        args.receiver_name or args.receiver_id or f"key:{receiver_fp}",
-        args.receiver_contact,
-    )
+    sender = _entity(args, "sender", f"key:{sender_fp}")
+    receiver = _entity(args, "receiver", f"key:{receiver_fp}")
     bar = _Bar("packing")
     try:
         result = jmix.pack(
@@ -288,26 +287,20 @@ def register(subparsers) -> None:
         default="spec",
         help="spec (default) or rs (for Harmony and jmix-rs peers)",
     )
-    sub.add_argument(
-        "--sender-id",
-        help="your id in the manifest (default: key:<your signing fingerprint>)",
-    )
-    sub.add_argument("--sender-name", help="your name (default: the sender id)")
-    sub.add_argument(
-        "--sender-contact",
-        default="unspecified",
-        help="your contact (default: unspecified)",
-    )
-    sub.add_argument(
-        "--receiver-id",
-        help="the receiver's id (default: key:<its encryption fingerprint>)",
-    )
-    sub.add_argument("--receiver-name", help="the receiver's name (default: its id)")
-    sub.add_argument(
-        "--receiver-contact",
-        default="unspecified",
-        help="the receiver's contact (default: unspecified)",
-    )
+    for role, whose, fp_kind in (
+        ("sender", "your", "your signing"),
+        ("receiver", "the receiver's", "its encryption"),
+    ):
+        sub.add_argument(
+            f"--{role}-id",
+            help=f"{whose} id in the manifest (default: key:<{fp_kind} fingerprint>)",
+        )
+        sub.add_argument(f"--{role}-name", help=f"{whose} name (default: the id)")
+        sub.add_argument(
+            f"--{role}-contact",
+            default="unspecified",
+            help=f"{whose} contact (default: unspecified)",
+        )
     sub.add_argument(
         "--expires-in",
         type=float,
