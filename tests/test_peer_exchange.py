@@ -2,11 +2,10 @@
 
 import pytest
 
-from bridge import jmix
 from bridge.peer.deliver import DELIVER_QUEUE, deliver_job
 from bridge.store.base import Envelope, JobState, NewJob
 from tests.support.net import free_port, wait_until
-from tests.support.peer_env import BridgeProcess, pack_envelope
+from tests.support.peer_env import BridgeProcess, make_key_dirs, pack_envelope
 
 FAST_RETRY = {"initial_seconds": 0.2, "factor": 2, "max_seconds": 1.0}
 FAST_BREAKER = {"failures_to_open": 3, "open_seconds": 0.3}
@@ -14,10 +13,7 @@ FAST_BREAKER = {"failures_to_open": 3, "open_seconds": 0.3}
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    root = tmp_path_factory.mktemp("keys")
-    jmix.generate_key_dir(root / "a")
-    jmix.generate_key_dir(root / "b")
-    return root
+    return make_key_dirs(tmp_path_factory.mktemp("keys"))
 
 
 def _receiver_conf(keys, **extra):

@@ -6,12 +6,12 @@ import socket
 import httpx
 import pytest
 
-from bridge import jmix
 from bridge.store.base import JobState
 from tests.support.net import wait_until
 from tests.support.peer_env import (
     BridgeProcess,
     harmony_zip,
+    make_key_dirs,
     pack_envelope,
     raw_request,
 )
@@ -22,10 +22,7 @@ ZIP = {"Content-Type": "application/zip"}
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    root = tmp_path_factory.mktemp("keys")
-    jmix.generate_key_dir(root / "a")
-    jmix.generate_key_dir(root / "b")
-    return root
+    return make_key_dirs(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from bridge import jmix
 from bridge.peer.client import PeerClient
 from bridge.peer.settings import PeerSettings
-from tests.support.peer_env import BridgeProcess, pack_envelope
+from tests.support.peer_env import BridgeProcess, make_key_dirs, pack_envelope
 
 
 def _issue(folder, name, issuer=None, *, ca=False, server=False):
@@ -75,10 +74,7 @@ def pki(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    root = tmp_path_factory.mktemp("keys")
-    jmix.generate_key_dir(root / "a")
-    jmix.generate_key_dir(root / "b")
-    return root
+    return make_key_dirs(tmp_path_factory.mktemp("keys"))
 
 
 @pytest.fixture(scope="module")

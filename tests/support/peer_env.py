@@ -43,6 +43,13 @@ def pack_envelope(
     )
 
 
+def make_key_dirs(root: Path) -> Path:
+    """Create key folders ``a`` (the sender) and ``b`` (the receiver); return root."""
+    jmix.generate_key_dir(root / "a")
+    jmix.generate_key_dir(root / "b")
+    return root
+
+
 def harmony_zip(out: Path, envelope_id: str | None = None) -> str:
     """Write a clear, unsigned envelope zip the way Harmony builds one; return its id.
 
