@@ -183,17 +183,26 @@ def test_same_instance_twice_is_acknowledged_and_stored_once(
     assert len(list((spool.root / "instances").rglob("*.dcm"))) == 1
 
 
+def two_versions(folder: Path) -> tuple[Path, Path]:
+    """Write two instances with the same UIDs and different pixel values."""
+    sop = generate_uid()
+    return tuple(
+        make_instance(
+            folder / f"v{fill}.dcm",
+            study_uid="1.2.3",
+            series_uid="1.2",
+            sop_uid=sop,
+            fill=fill,
+        )
+        for fill in (0, 7)
+    )
+
+
 def test_changed_instance_replaces_the_old_under_keep_newest(
     store, spool, clock, tmp_path
 ):
     ingest = make_ingest(store, spool, clock)
-    sop = generate_uid()
-    a = make_instance(
-        tmp_path / "a.dcm", study_uid="1.2.3", series_uid="1.2", sop_uid=sop
-    )
-    b = make_instance(
-        tmp_path / "b.dcm", study_uid="1.2.3", series_uid="1.2", sop_uid=sop, fill=7
-    )
+    a, b = two_versions(tmp_path)
     receive(ingest, a)
     receipt = receive(ingest, b)
     assert receipt.outcome == InstanceOutcome.REPLACED
@@ -204,13 +213,7 @@ def test_changed_instance_replaces_the_old_under_keep_newest(
 
 def test_changed_instance_is_a_conflict_under_reject(store, spool, clock, tmp_path):
     ingest = make_ingest(store, spool, clock, duplicates=DuplicatePolicy.REJECT)
-    sop = generate_uid()
-    a = make_instance(
-        tmp_path / "a.dcm", study_uid="1.2.3", series_uid="1.2", sop_uid=sop
-    )
-    b = make_instance(
-        tmp_path / "b.dcm", study_uid="1.2.3", series_uid="1.2", sop_uid=sop, fill=7
-    )
+    a, b = two_versions(tmp_path)
     receive(ingest, a)
     receipt = receive(ingest, b)
     assert receipt.rejection == Rejection.CONFLICT
@@ -324,3 +327,17 @@ def test_route_rule_refuses_an_unknown_keyword():
 def test_route_rule_refuses_a_route_without_peers():
     with pytest.raises(ValueError, match="peers"):
         RouteRule(name="r", peers=())
+
+
+def test_open_study_keeps_its_timer_across_a_restart(spool, clock, tmp_path):
+    db = tmp_path / "restart.sqlite"
+    first = SQLiteStore(db)
+    [path] = make_study(tmp_path / "in", series=1, per_series=1)
+    ref = receive(make_ingest(first, spool, clock), path).study_ref
+    first.close()
+
+    again = SQLiteStore(db)
+    clock.now += 60
+    assert Assembler(again, [CT_ROUTE], clock=clock).run_once() == 1
+    assert again.get_study(ref).state == StudyState.SEALED
+    again.close()
