@@ -1,5 +1,6 @@
 """Two bridge processes on loopback: one delivers envelopes, the other takes them."""
 
+import httpx
 import pytest
 
 from bridge.peer.deliver import DELIVER_QUEUE, deliver_job
@@ -237,3 +238,30 @@ def test_drop_folder_round_trip(tmp_path, start_sender, keys):
     got = _received(receiver, result.envelope_id)
     sent = (sender.spool / "outbox" / f"{result.envelope_id}.zip").read_bytes()
     assert (receiver.spool / got.path).read_bytes() == sent
+
+
+def test_peer_fetches_and_lists_the_envelopes_built_for_it(tmp_path, keys):
+    holder = BridgeProcess(
+        tmp_path,
+        "holder",
+        {"server": {}, "senders": [{"name": "site-b", "token": "token-b"}]},
+    ).start()
+    try:
+        result, _ = _queue_envelope(holder, keys, "site-b")
+        auth = {"Authorization": "Bearer token-b"}
+        uid = result.study_instance_uid
+
+        listed = httpx.get(
+            f"{holder.url}/api/jmix", params={"studyInstanceUid": uid}, headers=auth
+        )
+        got = httpx.get(f"{holder.url}/api/jmix/{result.envelope_id}", headers=auth)
+        manifest = httpx.get(
+            f"{holder.url}/api/jmix/{result.envelope_id}/manifest", headers=auth
+        )
+    finally:
+        holder.stop()
+    assert [e["id"] for e in listed.json()["envelopes"]] == [result.envelope_id]
+    sent = (holder.spool / "outbox" / f"{result.envelope_id}.zip").read_bytes()
+    assert got.content == sent
+    assert manifest.json()["id"] == result.envelope_id
+    assert uid not in holder.log.read_text()

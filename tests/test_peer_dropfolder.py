@@ -1,0 +1,116 @@
+"""The drop-folder transport: atomic drops, and an inbox that takes only whole files."""
+
+import pytest
+
+from bridge.errors import RetryableTransportError
+from bridge.peer.dropfolder import InboxWatcher, drop_envelope
+from bridge.peer.intake import Intake
+from bridge.peer.settings import InboundSender
+from bridge.spool import Spool
+from bridge.store.sqlite import SQLiteStore
+from tests.support.peer_env import make_key_dirs, pack_envelope
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return make_key_dirs(tmp_path / "keys")
+
+
+@pytest.fixture
+def inbox(tmp_path, keys):
+    store = SQLiteStore(tmp_path / "state.db")
+    sender = InboundSender(
+        name="site-a", token="t", signing_keys=(keys / "a" / "signing.pub",)
+    )
+    intake = Intake(store, Spool(tmp_path / "spool"), [sender])
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    yield InboxWatcher(folder, sender, intake, poll_seconds=0.05)
+    store.close()
+
+
+def _envelope(tmp_path, keys, name="env.zip"):
+    return pack_envelope(tmp_path / name, keys / "a", keys / "b")
+
+
+def test_drop_writes_the_envelope_under_its_id_and_leaves_no_part_file(tmp_path, keys):
+    env = _envelope(tmp_path, keys)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+
+    dest = drop_envelope(env.path, drop, env.envelope_id)
+
+    assert dest == drop / f"{env.envelope_id}.zip"
+    assert dest.read_bytes() == env.path.read_bytes()
+    assert sorted(p.name for p in drop.iterdir()) == [dest.name]
+
+
+def test_drop_into_a_missing_folder_is_retryable(tmp_path, keys):
+    env = _envelope(tmp_path, keys)
+
+    with pytest.raises(RetryableTransportError, match="drop folder"):
+        drop_envelope(env.path, tmp_path / "unmounted", env.envelope_id)
+
+
+def test_inbox_takes_a_file_only_once_it_is_unchanged_across_two_scans(
+    tmp_path, keys, inbox
+):
+    env = _envelope(tmp_path, keys)
+    drop_envelope(env.path, inbox.folder, env.envelope_id)
+
+    first, second = inbox.scan(), inbox.scan()
+
+    assert (first, second) == (0, 1)
+    assert inbox.intake.store.get_envelope(env.envelope_id, "in").state == "stored"
+    assert list(inbox.folder.iterdir()) == []
+
+
+def test_inbox_ignores_part_and_dot_files(tmp_path, keys, inbox):
+    env = _envelope(tmp_path, keys)
+    for name in (f".{env.envelope_id}.zip.part", ".hidden.zip", "note.txt"):
+        (inbox.folder / name).write_bytes(env.path.read_bytes())
+
+    taken = inbox.scan() + inbox.scan()
+
+    assert taken == 0
+    assert len(list(inbox.folder.iterdir())) == 3
+
+
+def test_inbox_sets_a_duplicate_aside_with_its_reason(tmp_path, keys, inbox):
+    env = _envelope(tmp_path, keys)
+    drop_envelope(env.path, inbox.folder, env.envelope_id)
+    inbox.scan(), inbox.scan()
+    drop_envelope(env.path, inbox.folder, env.envelope_id)
+
+    taken = inbox.scan() + inbox.scan()
+
+    assert taken == 0
+    aside = inbox.folder / "rejected" / f"{env.envelope_id}.zip"
+    assert aside.read_bytes() == env.path.read_bytes()
+    reason = (inbox.folder / "rejected" / f"{aside.name}.reason.txt").read_text()
+    assert "already received" in reason
+
+
+def test_inbox_sets_aside_an_envelope_signed_by_an_unpinned_key(tmp_path, keys, inbox):
+    other = make_key_dirs(tmp_path / "other")
+    env = pack_envelope(tmp_path / "e.zip", other / "a", keys / "b")
+    drop_envelope(env.path, inbox.folder, env.envelope_id)
+
+    inbox.scan(), inbox.scan()
+
+    assert inbox.intake.store.get_envelope(env.envelope_id, "in") is None
+    reason = (
+        inbox.folder / "rejected" / f"{env.envelope_id}.zip.reason.txt"
+    ).read_text()
+    assert "UnknownSigner" in reason
+
+
+def test_inbox_keeps_every_rejected_file_under_a_distinct_name(tmp_path, inbox):
+    for _ in range(2):
+        (inbox.folder / "junk.zip").write_bytes(b"not an envelope")
+        inbox.scan(), inbox.scan()
+
+    kept = sorted(p.name for p in (inbox.folder / "rejected").glob("*.zip"))
+
+    assert len(kept) == 2
+    assert "junk.zip" in kept
