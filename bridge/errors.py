@@ -77,11 +77,17 @@ class VerificationFailed(EnvelopeError):
 class AuthenticationFailed(VerificationFailed):
     """A signature or the GCM tag did not verify.
 
-    The message never says which byte or field was wrong.
+    The message never says which byte or field was wrong. ``stage`` says only
+    whether a signature (``"signature"``) or the payload's decryption
+    (``"payload"``) failed, for the receiver's metrics; both are checks anyone
+    holding the envelope can run, so it tells an attacker nothing new.
     """
 
-    def __init__(self, message: str = "authentication failed"):
+    def __init__(
+        self, message: str = "authentication failed", *, stage: str = "signature"
+    ):
         super().__init__(message)
+        self.stage = stage
 
 
 class UnknownSigner(VerificationFailed):

@@ -191,6 +191,7 @@ def test_tampered_envelope_is_quarantined_and_nothing_forwarded(
     env = site.store.get_envelope(env_id, "in")
     assert env.state == "quarantined"
     assert env.reason == "AuthenticationFailed: authentication failed"
+    assert site.outcomes == ["decrypt_failed"]
     assert site.spool.path_of(env.path).exists()
     assert not site.spool.envelope_path("opened", env_id).exists()
     assert site.store.list_jobs(queue="forward") == []

@@ -38,9 +38,9 @@ def shared_secret(private: X25519PrivateKey, public: X25519PublicKey) -> bytes:
         secret = private.exchange(public)
     except ValueError as exc:
         # cryptography itself refuses some low-order points.
-        raise AuthenticationFailed() from exc
+        raise AuthenticationFailed(stage="payload") from exc
     if hmac.compare_digest(secret, bytes(KEY_BYTES)):
-        raise AuthenticationFailed()
+        raise AuthenticationFailed(stage="payload")
     return secret
 
 
@@ -96,7 +96,7 @@ class Opener:
         try:
             self._dec.finalize()
         except InvalidTag as exc:
-            raise AuthenticationFailed() from exc
+            raise AuthenticationFailed(stage="payload") from exc
 
 
 def peek(key: bytes, iv: bytes, head: bytes) -> bytes:

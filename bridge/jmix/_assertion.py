@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from bridge.errors import AuthenticationFailed, SchemaViolation
 
-from ._codec import b64decode, b64encode, b64url, b64url_decode
+from ._codec import b64decode, b64encode, b64url_decode
+from .jws import sign_compact
 from .keys import fingerprint, raw_public
 
 BASE_FIELDS = ("id", "timestamp", "sender.id", "sender.name", "receiver.0.id")
@@ -116,13 +117,7 @@ def verify_assertion(manifest: dict, public: Ed25519PublicKey) -> None:
 
 def make_jws(manifest_bytes: bytes, key: Ed25519PrivateKey) -> bytes:
     """Return a compact JWS over ``manifest_bytes`` with ``kid`` the key fingerprint."""
-    header = {"alg": "EdDSA", "kid": fingerprint(key.public_key()), "typ": "JOSE"}
-    signing_input = (
-        b64url(json.dumps(header, separators=(",", ":")).encode())
-        + "."
-        + b64url(manifest_bytes)
-    ).encode("ascii")
-    return signing_input + b"." + b64url(key.sign(signing_input)).encode("ascii")
+    return sign_compact(manifest_bytes, key)
 
 
 def verify_jws(jws: bytes, manifest_bytes: bytes, public: Ed25519PublicKey) -> None:

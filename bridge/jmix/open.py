@@ -214,7 +214,7 @@ class _Decryptor:
                 == digest
             )
             return _Payload(parser.members, parser.kept, dialect.name, hash_ok)
-        raise AuthenticationFailed()
+        raise AuthenticationFailed(stage="payload")
 
 
 def _read_clear(source: Source, sink: Sink, declared: str | None) -> _Payload:
