@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.config import Config, HttpSettings, TLSFiles
 from bridge.ops import Metrics
 from tests.support.net import free_port, wait_until
+from tests.test_ops_docs import dashboard_queries
 from tests.test_ops_support import (
     PATIENT_MARKER,
     add_dead_job,
@@ -235,7 +236,9 @@ def test_two_bridges_in_one_process_keep_separate_counts():
 
 
 @pytest.mark.slow
-def test_real_prometheus_scrapes_queue_depth(bridge, tmp_path):
+def test_real_prometheus_scrapes_the_bridge_and_answers_dashboard_queries(
+    bridge, tmp_path
+):
     prometheus = shutil.which("prometheus")
     if prometheus is None:
         pytest.skip("prometheus is absent: install Debian's prometheus package")
@@ -270,10 +273,17 @@ def test_real_prometheus_scrapes_queue_depth(bridge, tmp_path):
         found[:] = answer.get("data", {}).get("result", [])
         return bool(found)
 
+    def ask(expr: str) -> str:
+        expr = expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
+        url = f"http://127.0.0.1:{port}/api/v1/query"
+        return httpx.get(url, params={"query": expr}).json()["status"]
+
     try:
         wait_until(scraped, timeout=60, what="prometheus to scrape the bridge")
+        answers = {q: ask(q) for q in dashboard_queries() if "label_values" not in q}
     finally:
         proc.terminate()
         proc.wait(10)
     assert found[0]["metric"]["target"] == "site-b"
     assert float(found[0]["value"][1]) == 1
+    assert {q for q, status in answers.items() if status != "success"} == set()
