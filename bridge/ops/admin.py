@@ -219,13 +219,16 @@ def _release(ctx: OpsContext, envelope_id: str) -> dict | None:
     }
 
 
-async def quarantine_release(request: web.Request, ctx: OpsContext) -> web.Response:
-    """Release a quarantined envelope: back to the inbox and open it again."""
-    envelope_id = request.match_info["envelope_id"]
-    result = await asyncio.to_thread(_release, ctx, envelope_id)
+async def _on_quarantined(request: web.Request, ctx: OpsContext, action):
+    result = await asyncio.to_thread(action, ctx, request.match_info["envelope_id"])
     if result is None:
         return _error(404, "no quarantined envelope with that id")
     return web.json_response(result)
+
+
+async def quarantine_release(request: web.Request, ctx: OpsContext) -> web.Response:
+    """Release a quarantined envelope: back to the inbox and open it again."""
+    return await _on_quarantined(request, ctx, _release)
 
 
 def _delete(ctx: OpsContext, envelope_id: str) -> dict | None:
@@ -249,11 +252,7 @@ def _delete(ctx: OpsContext, envelope_id: str) -> dict | None:
 
 async def quarantine_delete(request: web.Request, ctx: OpsContext) -> web.Response:
     """Delete a quarantined envelope's file; its record stays, state ``deleted``."""
-    envelope_id = request.match_info["envelope_id"]
-    result = await asyncio.to_thread(_delete, ctx, envelope_id)
-    if result is None:
-        return _error(404, "no quarantined envelope with that id")
-    return web.json_response(result)
+    return await _on_quarantined(request, ctx, _delete)
 
 
 async def studies(request: web.Request, ctx: OpsContext) -> web.Response:
