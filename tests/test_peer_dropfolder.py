@@ -8,7 +8,7 @@ from bridge.peer.intake import Intake
 from bridge.peer.settings import InboundSender
 from bridge.spool import Spool
 from bridge.store.sqlite import SQLiteStore
-from tests.support.peer_env import make_key_dirs, pack_envelope
+from tests.support.peer_env import harmony_zip, make_key_dirs, pack_envelope
 
 
 @pytest.fixture
@@ -19,13 +19,18 @@ def keys(tmp_path):
 @pytest.fixture
 def inbox(tmp_path, keys):
     store = SQLiteStore(tmp_path / "state.db")
+    # Trusted on its transport for HTTP; the inbox still demands its signature.
     sender = InboundSender(
-        name="site-a", token="t", signing_keys=(keys / "a" / "signing.pub",)
+        name="site-a",
+        id="site-a",
+        token="t",
+        trust="transport",
+        signing_keys=(keys / "a" / "signing.pub",),
     )
     intake = Intake(store, Spool(tmp_path / "spool"), [sender])
     folder = tmp_path / "inbox"
     folder.mkdir()
-    yield InboxWatcher(folder, sender, intake, poll_seconds=0.05)
+    yield InboxWatcher(folder, [sender], intake, poll_seconds=0.05)
     store.close()
 
 
@@ -114,3 +119,13 @@ def test_inbox_keeps_every_rejected_file_under_a_distinct_name(tmp_path, inbox):
 
     assert len(kept) == 2
     assert "junk.zip" in kept
+
+
+def test_inbox_sets_aside_an_envelope_naming_an_unknown_sender(tmp_path, inbox):
+    envelope_id = harmony_zip(inbox.folder / "h.zip")
+
+    inbox.scan(), inbox.scan()
+
+    assert inbox.intake.store.get_envelope(envelope_id, "in") is None
+    reason = (inbox.folder / "rejected" / "h.zip.reason.txt").read_text()
+    assert "'harmony': no such sender" in reason

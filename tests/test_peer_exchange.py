@@ -22,6 +22,7 @@ def _receiver_conf(keys, **extra):
         "senders": [
             {
                 "name": "site-a",
+                "id": "site-a",
                 "token": "token-a",
                 "signing_keys": [str(keys / "a" / "signing.pub")],
             }
@@ -213,7 +214,7 @@ def test_drop_folder_round_trip(tmp_path, start_sender, keys):
         "b-drop",
         _receiver_conf(
             keys,
-            inboxes=[{"folder": str(drop), "sender": "site-a", "poll_seconds": 0.05}],
+            inboxes=[{"folder": str(drop), "poll_seconds": 0.05}],
         ),
     ).start()
     try:

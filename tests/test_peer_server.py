@@ -38,7 +38,12 @@ def receiver(tmp_path_factory, keys):
                     "token": "token-a",
                     "signing_keys": [str(keys / "a" / "signing.pub")],
                 },
-                {"name": "harmony", "token": "token-h", "trust": "transport"},
+                {
+                    "name": "harmony",
+                    "token": "token-h",
+                    "trust": "transport",
+                    "require_encryption": False,
+                },
             ],
         },
     ).start()

@@ -3,15 +3,16 @@
 The sender writes each envelope into a drop folder; any file transfer (rsync,
 SFTP, a shared volume, removable media) carries it to the receiver's inbox
 folder, which :class:`InboxWatcher` polls. The contract between the two ends is
-the rename: a file is written as ``.<id>.zip.part`` and renamed to ``<id>.zip``
-once complete, so a reader that takes only ``*.zip`` names that do not start
+the rename: a file is written under a dot-name ending in ``.part`` and renamed
+to ``<id>.zip`` once complete, so a reader that takes only ``*.zip`` names that do not start
 with a dot never sees a partial file. The watcher also waits until a file's
 size and modification time are unchanged across two scans, for carriers that
 write in place.
 
 A taken envelope goes through the same intake as an HTTP upload
-(:mod:`bridge.peer.intake`). One that is not an envelope, fails the sender
-check or was received before is moved aside into ``rejected/`` with a
+(:mod:`bridge.peer.intake`), except that it must be signed by the sender its
+manifest names. One that is not an envelope, fails the sender check or was
+received before is moved aside into ``rejected/`` with a
 ``<name>.reason.txt`` beside it; nothing is ever deleted. Filesystem errors of
 the sending side are translated here into transport errors.
 """
@@ -24,9 +25,16 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
-from bridge.errors import EnvelopeError, RetryableTransportError, SpoolError
+from bridge import jmix
+from bridge.errors import (
+    EnvelopeError,
+    RetryableTransportError,
+    SpoolError,
+    UnknownSigner,
+)
 from bridge.peer.intake import Intake
 from bridge.peer.settings import InboundSender
 from bridge.spool import fsync_rename, validate_envelope_id
@@ -53,8 +61,8 @@ def _copy_into_place(src: Path, dest: Path) -> None:
 def drop_envelope(src: Path, folder: Path | None, envelope_id: str) -> Path:
     """Write the envelope zip ``src`` into ``folder`` as ``<id>.zip``; return it.
 
-    Copies to ``.<id>.zip.part``, fsyncs, renames and fsyncs the folder, so the
-    file appears complete or not at all. Writing the same id again replaces the
+    Copies to a ``.<id>.zip.<random>.part`` name, fsyncs, renames and fsyncs the
+    folder, so the file appears complete or not at all. Writing the same id again replaces the
     earlier file with the same bytes. Raises RetryableTransportError when the
     folder is missing or not writable (a mount may come back).
     """
@@ -83,22 +91,24 @@ def _move(src: Path, dest: Path) -> None:
 
 
 class InboxWatcher:
-    """Polls one inbox folder for envelopes from one sender and takes them in.
+    """Polls one inbox folder for envelopes and takes them in.
 
-    The folder stands in for the transport credential: whoever can write into it
-    sends as ``sender``, so the sender's trust setting applies as for HTTP.
-    Call :meth:`scan` from a loop of your own, or :meth:`start` a thread.
+    A file proves nothing about who wrote it, so each envelope is matched to
+    the sender whose ``id`` its manifest names and must carry that sender's
+    signature, whatever the sender's trust setting for HTTP (``JMIX.md``
+    section 4). Call :meth:`scan` from a loop of your own, or :meth:`start` a
+    thread.
     """
 
     def __init__(
         self,
         folder: Path,
-        sender: InboundSender,
+        senders: Iterable[InboundSender],
         intake: Intake,
         poll_seconds: float = 2.0,
     ):
         self.folder = Path(folder)
-        self.sender = sender
+        self.senders = {s.id: s for s in senders if s.id}
         self.intake = intake
         self.poll_seconds = poll_seconds
         self.rejected = self.folder / REJECTED
@@ -139,7 +149,8 @@ class InboxWatcher:
 
     def _take(self, path: Path) -> bool:
         try:
-            checked = self.intake.check(path, self.sender)
+            sender = self._sender_of(path)
+            checked = self.intake.check(path, sender, authenticated=False)
         except EnvelopeError as exc:
             self._set_aside(path, f"{type(exc).__name__}: {exc}")
             return False
@@ -152,10 +163,18 @@ class InboxWatcher:
             _move(path, part)
         except (OSError, SpoolError) as exc:
             raise SpoolError(f"inbox {self.folder}: cannot take a file: {exc}") from exc
-        if not self.intake.accept(part, checked, self.sender):
+        if not self.intake.accept(part, checked, sender):
             self._set_aside(part, f"envelope {checked.envelope_id} already received")
             return False
         return True
+
+    def _sender_of(self, path: Path) -> InboundSender:
+        """Return the configured sender the envelope's manifest names; raise."""
+        named = jmix.read_manifest(path)["sender"]["id"]
+        sender = self.senders.get(named)
+        if sender is None:
+            raise UnknownSigner(f"manifest sender.id {named!r}: no such sender")
+        return sender
 
     def _set_aside(self, path: Path, reason: str) -> None:
         """Move ``path`` into ``rejected/`` with a reason file; never delete it."""
@@ -171,14 +190,12 @@ class InboxWatcher:
             raise SpoolError(
                 f"inbox {self.folder}: cannot set a file aside: {exc}"
             ) from exc
-        logger.warning(
-            "inbox file set aside sender=%s file=%s", self.sender.name, dest.name
-        )
+        logger.warning("inbox file set aside file=%s", dest.name)
 
     def start(self) -> None:
         """Scan every ``poll_seconds`` in a background thread until :meth:`stop`."""
         self._thread = threading.Thread(
-            target=self._loop, name=f"inbox-{self.sender.name}", daemon=True
+            target=self._loop, name="peer-inbox", daemon=True
         )
         self._thread.start()
 
@@ -187,7 +204,7 @@ class InboxWatcher:
             try:
                 self.scan()
             except Exception:
-                logger.exception("inbox scan failed sender=%s", self.sender.name)
+                logger.exception("inbox scan failed")
             self._stop.wait(self.poll_seconds)
 
     def stop(self, timeout: float = 10.0) -> None:

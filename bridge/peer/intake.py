@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge import jmix
-from bridge.errors import MalformedEnvelope, SpoolError
+from bridge.errors import MalformedEnvelope, PolicyViolation, SpoolError
 
 # The one private import: reading the sender's documents out of a zip whose
 # envelope sits at the root or under one folder is the library's own logic.
@@ -42,6 +42,7 @@ class Checked:
 
     envelope_id: str
     signer: str  # the signing key's fingerprint, "" when unsigned (transport trust)
+    trust: str  # the trust it was accepted under: "signed" or "transport"
 
 
 class Intake:
@@ -55,16 +56,24 @@ class Intake:
     def __init__(self, store: Store, spool: Spool, senders: Iterable[InboundSender]):
         self.store = store
         self.spool = spool
-        self._trust = {s.name: jmix.TrustStore(s.signing_keys) for s in senders}
+        self._trust = {
+            s.name: jmix.TrustStore([(s.id or None, key) for key in s.signing_keys])
+            for s in senders
+        }
         # One lock orders "is it new?" and "record it" for every transport, so two
         # copies of one envelope arriving together cannot both be recorded.
         self._lock = threading.Lock()
 
-    def check(self, path: Path, sender: InboundSender) -> Checked:
+    def check(
+        self, path: Path, sender: InboundSender, *, authenticated: bool = True
+    ) -> Checked:
         """Return the id and signer of the envelope zip at ``path`` from ``sender``.
 
-        Raises MalformedEnvelope (not an envelope, or its id is not a UUID) or a
-        VerificationFailed subclass (not from this sender as its trust demands).
+        ``authenticated`` says whether the transport proved the sender's
+        identity (an HTTP credential); without it the envelope must be signed
+        whatever the sender's trust setting. Raises MalformedEnvelope (not an
+        envelope, or its id is not a UUID) or a VerificationFailed subclass
+        (not from this sender as its trust demands).
         """
         manifest, manifest_bytes, jws = _sender_documents(path)
         raw_id = manifest.get("id", "")
@@ -72,12 +81,15 @@ class Intake:
             envelope_id = validate_envelope_id(str(raw_id).lower())
         except SpoolError as exc:
             raise MalformedEnvelope(f"manifest.json id: {exc}") from exc
+        named = manifest["sender"]["id"]
+        if sender.id and named != sender.id:
+            raise PolicyViolation(
+                f"manifest sender.id: expected {sender.id!r}, got {named!r}"
+            )
 
-        # A sender trusted on its transport credential may send clear envelopes
-        # (Harmony neither encrypts nor signs); one trusted on its signature may
-        # not (JMIX.md section 4).
+        trust = sender.trust if authenticated else "signed"
         policy = jmix.OpenPolicy(
-            trust=sender.trust, require_encryption=sender.trust == "signed"
+            trust=trust, require_encryption=sender.require_encryption
         )
         signer = jmix.check_sender(
             manifest,
@@ -86,7 +98,7 @@ class Intake:
             policy,
             manifest_bytes=manifest_bytes,
         )
-        return Checked(envelope_id, signer or "")
+        return Checked(envelope_id, signer or "", trust)
 
     def is_known(self, envelope_id: str) -> bool:
         """Return True when an inbound envelope with this id is recorded or seen."""
@@ -111,7 +123,7 @@ class Intake:
             path=self.spool.relative(dest),
             size_bytes=size,
             state="stored",
-            details={"trust": sender.trust, "signer": checked.signer},
+            details={"trust": checked.trust, "signer": checked.signer},
         )
         job = NewJob(
             queue=OPEN_QUEUE,
@@ -135,7 +147,7 @@ class Intake:
             envelope_id,
             sender.name,
             size,
-            sender.trust,
+            checked.trust,
         )
         return True
 

@@ -57,19 +57,24 @@ class PeerSettings:
 class InboundSender:
     """A peer allowed to send us envelopes, and how we recognise and trust it.
 
-    The request must carry ``token`` as a bearer token when it is set, and a TLS
-    client certificate whose DER has SHA-256 ``client_cert_sha256`` (hex, either
-    case, colons allowed) when that is set; at least one of the two must be set.
-    ``trust`` is ``"signed"`` (the envelope must be signed by one of
+    ``id`` is the sender's JMIX entity id as its manifests write it; when set,
+    an envelope must name it, and its signing keys are pinned for that id only.
+    Over HTTP the request must carry ``token`` as a bearer token when it is set,
+    and a TLS client certificate whose DER has SHA-256 ``client_cert_sha256``
+    (hex, either case, colons allowed) when that is set; at least one of the two
+    must be set. ``trust`` is ``"signed"`` (the envelope must be signed by one of
     ``signing_keys``) or ``"transport"`` (the credential suffices), as in
-    ``JMIX.md`` section 4.
+    ``JMIX.md`` section 4; a drop-folder inbox has no credential, so there only
+    ``signed`` applies. ``require_encryption`` refuses clear envelopes.
     """
 
     name: str
+    id: str = ""
     token: str = ""
     client_cert_sha256: str = ""
     trust: str = "signed"
     signing_keys: tuple[Path, ...] = field(default_factory=tuple)
+    require_encryption: bool = True
 
     def __repr__(self) -> str:
         return _masked_repr(self, ("token",))

@@ -9,7 +9,7 @@ server) and runs until SIGTERM or SIGINT.
 The JSON config holds ``db``, ``spool``, optional ``server`` (ServerSettings
 fields), ``senders`` (InboundSender fields), ``peers`` (PeerSettings fields),
 ``deliver`` (bool), ``retry`` and ``breaker`` (policy fields) and ``inboxes``
-(``{"folder", "sender", "poll_seconds"}``).
+(``{"folder", "poll_seconds"}``).
 """
 
 from __future__ import annotations
@@ -74,11 +74,8 @@ def main(argv: list[str]) -> int:
         server = PeerServer(create_app(settings, senders, intake), settings)
         server.start()
 
-    by_name = {s.name: s for s in senders}
     watchers = [
-        InboxWatcher(
-            Path(i["folder"]), by_name[i["sender"]], intake, i.get("poll_seconds", 0.1)
-        )
+        InboxWatcher(Path(i["folder"]), senders, intake, i.get("poll_seconds", 0.1))
         for i in conf.get("inboxes", [])
     ]
     for watcher in watchers:
