@@ -4,8 +4,8 @@ The sender writes each envelope into a drop folder; any file transfer (rsync,
 SFTP, a shared volume, removable media) carries it to the receiver's inbox
 folder, which :class:`InboxWatcher` polls. The contract between the two ends is
 the rename: a file is written under a dot-name ending in ``.part`` and renamed
-to ``<id>.zip`` once complete, so a reader that takes only ``*.zip`` names that do not start
-with a dot never sees a partial file. The watcher also waits until a file's
+to ``<id>.zip`` once complete, so a reader that takes only ``*.zip`` names that
+do not start with a dot never sees a partial file. The watcher also waits until a file's
 size and modification time are unchanged across two scans, for carriers that
 write in place.
 
@@ -62,9 +62,10 @@ def drop_envelope(src: Path, folder: Path | None, envelope_id: str) -> Path:
     """Write the envelope zip ``src`` into ``folder`` as ``<id>.zip``; return it.
 
     Copies to a ``.<id>.zip.<random>.part`` name, fsyncs, renames and fsyncs the
-    folder, so the file appears complete or not at all. Writing the same id again replaces the
-    earlier file with the same bytes. Raises RetryableTransportError when the
-    folder is missing or not writable (a mount may come back).
+    folder, so the file appears complete or not at all. Writing the same id
+    again replaces the earlier file with the same bytes. Raises
+    RetryableTransportError when the folder is missing or not writable (a mount
+    may come back).
     """
     if folder is None:
         raise ValueError("drop transport: drop_folder is not set")
