@@ -6,7 +6,9 @@ import sqlite3
 
 import pytest
 
-from bridge.ops.health import Check, flag, run_checks, spool_has_room
+from bridge.config import Size, SpoolSettings
+from bridge.ops.health import Check, flag, run_checks, spool_has_room, standard_checks
+from bridge.store.sqlite import SQLiteStore
 from tests.test_ops_support import served_bridge
 
 
@@ -77,3 +79,24 @@ def test_a_check_that_raises_counts_as_failing():
 
     assert not result.ready
     assert result.checks == {"keys": "OSError: keys folder unreadable", "fine": "ok"}
+
+
+def test_standard_checks_cover_listener_store_spool_and_keys(tmp_path):
+    bound = {"listener": False}
+    store = SQLiteStore(tmp_path / "state.db")
+    checks = standard_checks(
+        store=store,
+        spool_path=tmp_path,
+        spool=SpoolSettings(min_free_bytes=Size(0), min_free_ratio=0.0),
+        listener_bound=lambda: bound["listener"],
+        keys_loaded=lambda: True,
+    )
+
+    before = run_checks(checks)
+    bound["listener"] = True
+    after = run_checks(checks)
+    store.close()
+
+    assert list(before.checks) == ["listener", "store", "spool", "keys"]
+    assert before.failing == ["listener"]
+    assert after.ready

@@ -287,3 +287,12 @@ def test_real_prometheus_scrapes_the_bridge_and_answers_dashboard_queries(
     assert found[0]["metric"]["target"] == "site-b"
     assert float(found[0]["value"][1]) == 1
     assert {q for q, status in answers.items() if status != "success"} == set()
+
+
+def test_attaching_state_again_replaces_the_first_sources(bridge):
+    bridge.ctx.metrics.attach_state(store=bridge.store)
+
+    text = bridge.ctx.metrics.exposition().decode()
+
+    assert text.count("# TYPE jmix_bridge_store_up gauge") == 1
+    assert "jmix_bridge_spool_free_ratio" not in text

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bridge.config import SpoolSettings
 from bridge.store.base import Store
 
 logger = logging.getLogger(__name__)
@@ -106,3 +107,20 @@ def flag(name: str, is_ok: Callable[[], bool], problem: str) -> Check:
         return None if is_ok() else problem
 
     return Check(name, run)
+
+
+def standard_checks(
+    *,
+    store: Store,
+    spool_path: Path,
+    spool: SpoolSettings,
+    listener_bound: Callable[[], bool],
+    keys_loaded: Callable[[], bool],
+) -> list[Check]:
+    """Return the daemon's readiness checks: listener, store, spool, keys."""
+    return [
+        flag("listener", listener_bound, "DICOM listener is not bound"),
+        store_writable(store),
+        spool_has_room(spool_path, spool.min_free_bytes, spool.min_free_ratio),
+        flag("keys", keys_loaded, "node keys are not loaded"),
+    ]

@@ -167,6 +167,7 @@ class Metrics:
         self.target = LabelSet(
             [p.name for p in config.peers] + [d.name for d in config.destinations]
         )
+        self._state: StateCollector | None = None
         self._define()
 
     def _define(self) -> None:
@@ -365,16 +366,20 @@ class Metrics:
         peer_breakers: BreakerBoard | None = None,
         destination_breakers: BreakerBoard | None = None,
     ) -> None:
-        """Read these at every scrape (queue depth, spool, peer up, certificates)."""
-        self.registry.register(
-            StateCollector(
-                self,
-                store=store,
-                spool_path=spool_path,
-                peer_breakers=peer_breakers,
-                destination_breakers=destination_breakers,
-            )
+        """Read these at every scrape (queue depth, spool, peer up, certificates).
+
+        Calling it again replaces what an earlier call attached.
+        """
+        if self._state is not None:
+            self.registry.unregister(self._state)
+        self._state = StateCollector(
+            self,
+            store=store,
+            spool_path=spool_path,
+            peer_breakers=peer_breakers,
+            destination_breakers=destination_breakers,
         )
+        self.registry.register(self._state)
 
     def exposition(self) -> bytes:
         """Return the text exposition of every metric; blocking (reads the store)."""
