@@ -52,7 +52,7 @@ class Site:
             self.keys.encryption_key,
             senders,
             list(destinations),
-            on_outcome=self.outcomes.append,
+            on_outcome=lambda outcome, sender: self.outcomes.append(outcome),
         )
         forwarder = Forwarder(self.store, self.spool, destinations, receipts=False)
         self.open_worker = Worker(self.store, WorkerSpec("open", opener))

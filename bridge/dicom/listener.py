@@ -134,7 +134,7 @@ class ListenerStats:
         default_factory=threading.Lock, repr=False, compare=False
     )
 
-    def association(self, rejected_for: str = "") -> None:
+    def association(self, rejected_for: str = "", calling_ae: str = "") -> None:
         """Count an association accepted, or rejected for a reason."""
         with self._lock:
             if rejected_for:
@@ -142,7 +142,12 @@ class ListenerStats:
             else:
                 self.associations_accepted += 1
 
-    def instance(self, status: int, receipt: Receipt | None, reason: str) -> None:
+    def closed(self) -> None:
+        """Note that an accepted association ended (released or aborted)."""
+
+    def instance(
+        self, status: int, receipt: Receipt | None, reason: str, calling_ae: str = ""
+    ) -> None:
         """Count one C-STORE answered with ``status``."""
         with self._lock:
             _bump(self.statuses, status)
@@ -189,8 +194,16 @@ class Listener:
         self._server = None
         self._ae: AE | None = None
         self._allowed: dict[str, frozenset[str] | None] = {}
+        self._open: set[int] = set()  # ids of established associations
+        self._lock = threading.Lock()
         self._saved: dict[str, object] = {}
         self._saved_tempfile = NamedTemporaryFile
+
+    @property
+    @property
+    def bound(self) -> bool:
+        """True while the listener's socket is open."""
+        return self._server is not None
 
     @property
     def port(self) -> int:
@@ -221,6 +234,8 @@ class Listener:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
         ]
         self._server = ae.start_server(
             (self.settings.host, self.settings.port),
@@ -277,7 +292,10 @@ class Listener:
             reason = "error"
         if not reason:
             return
-        self.stats.association(rejected_for=reason)
+        self.stats.association(
+            rejected_for=reason,
+            calling_ae=assoc.requestor.primitive.calling_ae_title.strip(),
+        )
         logger.warning(
             "association rejected reason=%s calling_ae=%s peer_host=%s",
             reason,
@@ -317,12 +335,22 @@ class Listener:
         )
 
     def _on_established(self, event: evt.Event) -> None:
-        self.stats.association()
+        with self._lock:
+            self._open.add(id(event.assoc))
+        self.stats.association(calling_ae=event.assoc.requestor.ae_title.strip())
         logger.info(
             "association accepted calling_ae=%s peer_host=%s",
             event.assoc.requestor.ae_title,
             event.assoc.requestor.address,
         )
+
+    def _on_closed(self, event: evt.Event) -> None:
+        # Rejected associations end here too; count only those established.
+        with self._lock:
+            was_open = id(event.assoc) in self._open
+            self._open.discard(id(event.assoc))
+        if was_open:
+            self.stats.closed()
 
     # -- C-STORE -----------------------------------------------------------------
 
@@ -353,7 +381,7 @@ class Listener:
         except Exception as exc:  # nothing escapes a handler
             status, reason, detail = OUT_OF_RESOURCES, "error", _describe(exc)
 
-        self.stats.instance(status, receipt, reason)
+        self.stats.instance(status, receipt, reason, calling.strip())
         if status == SUCCESS:
             logger.info(
                 "instance %s study=%s bytes=%d",

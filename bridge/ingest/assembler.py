@@ -54,8 +54,11 @@ class Assembler:
         *,
         interval_seconds: float = 1.0,
         clock: Callable[[], float] = time.time,
+        on_sealed: Callable[[str, float], None] | None = None,
     ):
         self.store = store
+        # Told (trigger, assembly seconds) for every study sealed, for metrics.
+        self.on_sealed = on_sealed or (lambda trigger, seconds: None)
         self.routes = {r.name: r for r in routes}
         self.interval_seconds = interval_seconds
         self._clock = clock
@@ -86,6 +89,7 @@ class Assembler:
             trigger = "max-age" if by_age else "quiet-period"
             if self.store.seal_study(study.ref, trigger, seal_jobs(study, rule)):
                 sealed += 1
+                self.on_sealed(trigger, now - study.first_received)
                 logger.info(
                     "study sealed study=%s trigger=%s instances=%d bytes=%d peers=%d",
                     study.ref,

@@ -99,9 +99,12 @@ class Ingest:
         settings: IngestSettings | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        on_sealed: Callable[[str, float], None] | None = None,
     ):
         self.store = store
         self.spool = spool
+        # Told (trigger, assembly seconds) for every study sealed, for metrics.
+        self.on_sealed = on_sealed or (lambda trigger, seconds: None)
         self.settings = settings or IngestSettings()
         self.router = Router(routes, self.settings.unrouted)
         self._clock = clock
@@ -217,6 +220,7 @@ class Ingest:
             return
 
         if self.store.seal_study(study.ref, "required-series", seal_jobs(study, rule)):
+            self.on_sealed("required-series", self._clock() - study.first_received)
             logger.info(
                 "study sealed study=%s trigger=required-series instances=%d peers=%d",
                 study.ref,

@@ -187,3 +187,6 @@ def quiet_pynetdicom(*, debug: bool = False) -> None:
     pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
     pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
     logging.getLogger("pynetdicom").setLevel(logging.INFO if debug else logging.WARNING)
+    # httpx logs every request line at INFO; the bridge logs its own events.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)

@@ -11,6 +11,7 @@ exceptions are translated into :mod:`bridge.errors` here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 import os
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 
@@ -132,11 +134,19 @@ class PeerClient:
         size = os.stat(path).st_size
         headers = {"Content-Type": "application/zip", "Content-Length": str(size)}
 
-        try:
-            with self._client.stream(
+        with (
+            self._translated(),
+            self._client.stream(
                 "POST", self.endpoint, content=_file_chunks(path, size), headers=headers
-            ) as response:
-                return self._classify(response)
+            ) as response,
+        ):
+            return self._classify(response)
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Translate httpx's network errors into ours, once, here."""
+        try:
+            yield
         except httpx.TimeoutException as exc:
             raise RetryableTransportError(
                 f"peer {self.peer.name}: timed out ({type(exc).__name__})"
@@ -146,10 +156,29 @@ class PeerClient:
                 f"peer {self.peer.name}: network error ({type(exc).__name__}: {exc})"
             ) from exc
 
+    def send_receipt(self, envelope_id: str, jws: bytes) -> None:
+        """POST a signed delivery receipt to ``<url>/api/jmix/{id}/receipt``.
+
+        Raises RetryableTransportError or PermanentTransportError as
+        :meth:`send` does; 200 is success.
+        """
+        url = f"{self.endpoint}/{envelope_id}/receipt"
+        with self._translated():
+            response = self._client.post(
+                url, content=jws, headers={"Content-Type": "application/jose"}
+            )
+        if response.status_code != 200:
+            self._refusal(response)
+
     def _classify(self, response: httpx.Response) -> Delivery:
         status = response.status_code
         if status in (201, 409):
             return Delivery(status, self._answer_id(response))
+        self._refusal(response)
+
+    def _refusal(self, response: httpx.Response) -> NoReturn:
+        """Raise the error an unwanted answer means: retry later, or never."""
+        status = response.status_code
         where = f"peer {self.peer.name} answered {status}"
         if status in (408, 429) or status >= 500:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))

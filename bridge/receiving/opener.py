@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 # Envelope states on the receiving side.
 STORED, OPENED, QUARANTINED = "stored", "opened", "quarantined"
 
-OutcomeHook = Callable[[str], None]  # envelope received outcome, for metrics
+OutcomeHook = Callable[[str, str], None]  # (outcome, sender), for metrics
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,10 @@ def classify(exc: EnvelopeError) -> str:
     if isinstance(exc, IntegrityError):
         return "hash_mismatch"
     if isinstance(exc, PolicyViolation):
-        return "policy"
+        return "policy_violation"
     if isinstance(exc, MalformedEnvelope):
         return "malformed"
-    return "refused"
+    return "policy_violation"
 
 
 class Opener:
@@ -86,7 +86,7 @@ class Opener:
         self.encryption_key = encryption_key
         self.senders = senders
         self.destinations = list(destinations)
-        self.on_outcome = on_outcome or (lambda outcome: None)
+        self.on_outcome = on_outcome or (lambda outcome, sender: None)
 
     def __call__(self, job: Job, ctx: JobContext) -> Outcome:
         """Open the job's envelope; see the module docstring."""
@@ -102,14 +102,14 @@ class Opener:
         sender = self.senders.get(env.peer)
         if sender is None:
             return self._quarantine(
-                env_id,
+                env,
                 src,
-                "sender",
+                "unknown_sender",
                 f"sender {env.peer!r} is not configured on this node",
             )
         if self.store.is_seen(env_id):
             return self._quarantine(
-                env_id, src, "duplicate", "replayed envelope id: already accepted"
+                env, src, "duplicate", "replayed envelope id: already accepted"
             )
 
         if dest.exists():
@@ -127,7 +127,7 @@ class Opener:
                 )
             except EnvelopeError as exc:
                 return self._quarantine(
-                    env_id, src, classify(exc), f"{type(exc).__name__}: {exc}"
+                    env, src, classify(exc), f"{type(exc).__name__}: {exc}"
                 )
             files = opened.dicom_files
             details = {
@@ -155,7 +155,7 @@ class Opener:
             )
             for name in self.destinations
         ]
-        self.on_outcome("accepted")
+        self.on_outcome("accepted", env.peer)
         logger.info(
             "envelope accepted envelope=%s sender=%s instances=%d",
             env_id,
@@ -166,7 +166,8 @@ class Opener:
             jobs=jobs, envelope_state=(env_id, "in", OPENED), seen=(env_id, env.peer)
         )
 
-    def _quarantine(self, env_id: str, src: Path, outcome: str, reason: str) -> Outcome:
+    def _quarantine(self, env, src: Path, outcome: str, reason: str) -> Outcome:
+        env_id = env.id
         target = self.spool.envelope_path("quarantine", env_id)
         try:
             if src.exists() and src != target:
@@ -184,7 +185,7 @@ class Opener:
             path=self.spool.relative(target),
             details={"outcome": outcome},
         )
-        self.on_outcome(outcome)
+        self.on_outcome(outcome, env.peer)
         # The reason may name payload files (SOP Instance UIDs): it goes to the
         # store, for operators, and never to the log.
         logger.warning("envelope quarantined envelope=%s outcome=%s", env_id, outcome)

@@ -18,6 +18,7 @@ The format (``docs/exchange.md``)::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bridge.errors import SchemaViolation
+from bridge.errors import EnvelopeError, SchemaViolation, SpoolError, VerificationFailed
 from bridge.jmix import TrustStore
 from bridge.jmix.jws import sign_compact, verify_compact
 from bridge.spool import validate_envelope_id
@@ -35,6 +36,7 @@ from bridge.workers.base import JobContext, Outcome
 logger = logging.getLogger(__name__)
 
 RECEIPT_TYPE = "jmix-bridge.delivery-receipt"
+ARRIVED = "arrived"  # outgoing envelope state once the receipt is in
 MAX_RECEIPT_BYTES = 64 * 1024
 _FIELDS = {
     "type",
@@ -142,3 +144,66 @@ class ReceiptSender:
             delivered,
         )
         return Outcome.done()
+
+
+def add_receipt_route(app, store: Store, trust_by_peer: dict[str, TrustStore]) -> None:
+    """Serve ``POST /api/jmix/{id}/receipt`` on the sending side.
+
+    A receipt needs no bearer token: it is accepted only when it verifies
+    against the signing key pinned for the peer the envelope went to, and it
+    can do nothing but mark that envelope as arrived. Answers 200, 400 (not a
+    receipt, or for another envelope), 403 (signature), 404 (no such envelope
+    of ours) or 413 (too large).
+    """
+    from aiohttp import web
+
+    async def post_receipt(request: web.Request) -> web.Response:
+        env_id = request.match_info["id"]
+        if (request.content_length or 0) > MAX_RECEIPT_BYTES:
+            return web.json_response({"error": "receipt too large"}, status=413)
+        body = await request.content.read(MAX_RECEIPT_BYTES + 1)
+        if len(body) > MAX_RECEIPT_BYTES:
+            return web.json_response({"error": "receipt too large"}, status=413)
+        status, answer = await asyncio.to_thread(
+            record_receipt, store, trust_by_peer, env_id, body
+        )
+        return web.json_response(answer, status=status)
+
+    app.router.add_post("/api/jmix/{id}/receipt", post_receipt)
+
+
+def record_receipt(
+    store: Store, trust_by_peer: dict[str, TrustStore], env_id: str, body: bytes
+) -> tuple[int, dict]:
+    """Check a receipt for outgoing envelope ``env_id`` and record it.
+
+    Returns the HTTP status and answer of :func:`add_receipt_route`.
+    """
+    try:
+        env_id = validate_envelope_id(env_id)
+    except SpoolError:
+        return 404, {"error": "no such envelope"}
+    env = store.get_envelope(env_id, "out")
+    if env is None:
+        return 404, {"error": "no such envelope"}
+    trust = trust_by_peer.get(env.peer)
+    if trust is None:
+        return 403, {"error": "no signing key is pinned for this peer"}
+    try:
+        doc, signer = read_receipt(body, trust)
+    except VerificationFailed:
+        return 403, {"error": "receipt verification failed"}
+    except EnvelopeError as exc:
+        return 400, {"error": str(exc)}
+    if doc["envelope_id"] != env_id:
+        return 400, {"error": "the receipt is for another envelope"}
+    details = {**env.details, "receipt": doc, "receipt_signer": signer}
+    store.set_envelope_state(env_id, "out", ARRIVED, details=details)
+    logger.info(
+        "delivery receipt recorded envelope=%s peer=%s delivered=%d refused=%d",
+        env_id,
+        env.peer,
+        doc["delivered"],
+        doc["refused"],
+    )
+    return 200, {"id": env_id, "status": "recorded"}

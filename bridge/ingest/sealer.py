@@ -1,0 +1,137 @@
+"""The sealer: packs a sealed study into an envelope for one peer, in the outbox.
+
+It runs ``seal`` jobs (one per study and peer, queued by the assembler). The
+envelope id is derived from the job's key, so a sealer that dies after the zip
+was renamed into the outbox but before the job completed finds the same zip on
+the retry and records it instead of building a second envelope. Recording the
+envelope and queueing its ``deliver`` job happen in the same transaction as the
+job's completion. A study that cannot go in one envelope (instances that
+disagree on Patient ID, say) is held for an operator with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from bridge.errors import UnpackableStudy
+from bridge.jmix import Entity, pack
+from bridge.peer.deliver import deliver_job
+from bridge.spool import Spool
+from bridge.store import Envelope, Job, Store
+from bridge.workers.base import JobContext, Outcome
+
+logger = logging.getLogger(__name__)
+
+# Envelope ids of our seal jobs are UUIDv5 in this namespace (RFC 4122 4.3).
+_ENVELOPE_NAMESPACE = uuid.UUID("6c1f2b0e-4a52-5a55-9d3c-1b7a3c0e9f21")
+PACKED = "packed"
+
+BuiltHook = Callable[[str, int, dict], None]  # (peer, size_bytes, stage_seconds)
+
+
+@dataclass(frozen=True)
+class PeerEnvelopeSettings:
+    """What the sealer needs to know of one peer."""
+
+    name: str
+    receiver: Entity
+    recipient_public: X25519PublicKey
+    dialect: str = "spec"
+
+
+def envelope_id_for(job_key: str) -> str:
+    """Return the envelope id a seal job always builds (stable across retries)."""
+    return str(uuid.uuid5(_ENVELOPE_NAMESPACE, job_key))
+
+
+class Sealer:
+    """The ``seal`` job handler; see the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        spool: Spool,
+        sender: Entity,
+        signing_key: Ed25519PrivateKey,
+        peers: dict[str, PeerEnvelopeSettings],
+        on_built: BuiltHook | None = None,
+    ):
+        self.store = store
+        self.spool = spool
+        self.sender = sender
+        self.signing_key = signing_key
+        self.peers = peers
+        self.on_built = on_built or (lambda peer, size, stages: None)
+
+    def __call__(self, job: Job, ctx: JobContext) -> Outcome:
+        """Pack the job's study for its peer; see the module docstring."""
+        ref, peer_name = job.payload["study_ref"], job.payload["peer"]
+        peer = self.peers.get(peer_name)
+        if peer is None:
+            return Outcome.dead(
+                f"peer {peer_name!r} is not configured", target_failed=False
+            )
+        study = self.store.get_study(ref)
+        if study is None:
+            return Outcome.dead(f"no record of study {ref}", target_failed=False)
+        instances = self.store.study_instances(ref)
+        env_id = envelope_id_for(job.key)
+        out = self.spool.envelope_path("outbox", env_id)
+
+        started = time.perf_counter()
+        stages: dict[str, float] = {}
+        if not out.exists():
+            try:
+                result = pack(
+                    [self.spool.path_of(i.spool_path) for i in instances],
+                    out,
+                    sender=self.sender,
+                    signing_key=self.signing_key,
+                    receiver=peer.receiver,
+                    recipient_public=peer.recipient_public,
+                    dialect=peer.dialect,
+                    envelope_id=env_id,
+                )
+            except UnpackableStudy as exc:
+                self.store.hold_study(ref, f"cannot be packed: {exc}")
+                logger.error("study held study=%s reason=unpackable", ref)
+                return Outcome.dead(
+                    f"study {ref} cannot be packed: {exc}", target_failed=False
+                )
+            stages = dict(result.stage_seconds)
+        ctx.renew()
+
+        size = out.stat().st_size
+        envelope = Envelope(
+            id=env_id,
+            direction="out",
+            peer=peer_name,
+            path=self.spool.relative(out),
+            size_bytes=size,
+            state=PACKED,
+            study_ref=ref,
+            study_instance_uid=study.study_instance_uid,
+            instance_count=len(instances),
+            details={
+                "stage_seconds": stages,
+                "generation": study.generation,
+                "pack_seconds": round(time.perf_counter() - started, 3),
+            },
+        )
+        self.on_built(peer_name, size, stages)
+        logger.info(
+            "envelope built envelope=%s study=%s peer=%s instances=%d bytes=%d",
+            env_id,
+            ref,
+            peer_name,
+            len(instances),
+            size,
+        )
+        return Outcome.done(envelope=envelope, jobs=[deliver_job(env_id, peer_name)])
