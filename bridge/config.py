@@ -350,21 +350,28 @@ def _build(cls, data: Any, path: str, problems: list[str], base: Path):
                 f"{_join(path, key)}: unknown key (expected one of "
                 f"{', '.join(sorted(fields))})"
             )
+    # A field that fails keeps its default, so that the cross checks can still
+    # run over the rest and every problem is reported in one go; only a
+    # required field that fails makes the whole object fail.
     values = {}
-    before = len(problems)
+    broken = False
     for name, f in fields.items():
-        if name in data:
-            values[name] = _convert(
-                hints[name], data[name], _join(path, name), problems, base
-            )
-        elif (
+        required = (
             f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING
-        ):
-            problems.append(f"{_join(path, name)}: required")
-    if len(problems) > before:
-        return None
-    return cls(**values)
+        )
+        if name not in data:
+            if required:
+                problems.append(f"{_join(path, name)}: required")
+                broken = True
+            continue
+        before = len(problems)
+        value = _convert(hints[name], data[name], _join(path, name), problems, base)
+        if len(problems) == before:
+            values[name] = value
+        elif required:
+            broken = True
+    return None if broken else cls(**values)
 
 
 def _convert(hint, value, path: str, problems: list[str], base: Path):
@@ -386,10 +393,13 @@ def _convert(hint, value, path: str, problems: list[str], base: Path):
         if not isinstance(value, list):
             problems.append(f"{path}: expected a list, got {_show(value)}")
             return ()
-        return tuple(
+        items = (
             _convert(args[0], item, f"{path}[{i}]", problems, base)
             for i, item in enumerate(value)
         )
+        # A failed item stays as None so that later paths keep their index;
+        # cross_check skips it, and the configuration is refused anyway.
+        return tuple(items)
     if origin is dict:
         if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(v, str | int) for k, v in value.items()
@@ -471,11 +481,11 @@ def _apply_env(config: Config, env) -> Config:
     return dataclasses.replace(
         config,
         peers=tuple(
-            dataclasses.replace(p, token=token("PEER", p.name, p.token))
+            p and dataclasses.replace(p, token=token("PEER", p.name, p.token))
             for p in config.peers
         ),
         senders=tuple(
-            dataclasses.replace(s, token=token("SENDER", s.name, s.token))
+            s and dataclasses.replace(s, token=token("SENDER", s.name, s.token))
             for s in config.senders
         ),
         http=dataclasses.replace(
@@ -511,14 +521,14 @@ def cross_check(config: Config, *, check_files: bool = True) -> list[str]:
             f"{config.spool.min_free_ratio}"
         )
 
-    peer_names = _unique("peers", [p.name for p in config.peers], problems)
-    _unique("senders", [s.name for s in config.senders], problems)
+    peer_names = _unique("peers", [p.name for _, p in _items(config.peers)], problems)
+    _unique("senders", [s.name for _, s in _items(config.senders)], problems)
     dest_names = _unique(
-        "destinations", [d.name for d in config.destinations], problems
+        "destinations", [d.name for _, d in _items(config.destinations)], problems
     )
-    _unique("routes", [r.name for r in config.routes], problems)
+    _unique("routes", [r.name for _, r in _items(config.routes)], problems)
 
-    for i, route in enumerate(config.routes):
+    for i, route in _items(config.routes):
         where = f"routes[{i}]"
         if not route.peers:
             problems.append(f"{where}.peers: expected at least one peer")
@@ -532,7 +542,7 @@ def cross_check(config: Config, *, check_files: bool = True) -> list[str]:
             problems.append(
                 f"{where}: quiet_seconds and max_age_seconds must be positive"
             )
-    for i, peer in enumerate(config.peers):
+    for i, peer in _items(config.peers):
         where = f"peers[{i}]"
         if peer.transport == "http" and not re.match(r"^https?://", peer.url):
             problems.append(
@@ -545,7 +555,7 @@ def cross_check(config: Config, *, check_files: bool = True) -> list[str]:
             _check_file(f"{where}.encryption_key", peer.encryption_key, problems)
             _check_file(f"{where}.signing_key", peer.signing_key, problems)
             _check_tls(f"{where}.tls", peer.tls, problems)
-    for i, sender in enumerate(config.senders):
+    for i, sender in _items(config.senders):
         where = f"senders[{i}]"
         if sender.trust == "signed" and not sender.signing_keys:
             problems.append(f"{where}.signing_keys: required with trust 'signed'")
@@ -559,7 +569,7 @@ def cross_check(config: Config, *, check_files: bool = True) -> list[str]:
         if check_files:
             for j, key in enumerate(sender.signing_keys):
                 _check_file(f"{where}.signing_keys[{j}]", key, problems)
-    for i, dest in enumerate(config.destinations):
+    for i, dest in _items(config.destinations):
         _check_port(f"destinations[{i}].port", dest.port, problems)
         if check_files:
             _check_tls(f"destinations[{i}].tls", dest.tls, problems)
@@ -574,6 +584,11 @@ def cross_check(config: Config, *, check_files: bool = True) -> list[str]:
         _check_keys(config, problems)
         _check_writable("node.data_dir", config.node.data_dir, problems)
     return problems
+
+
+def _items(seq) -> list[tuple[int, Any]]:
+    """Return ``(index, item)`` for the items that were built (not None)."""
+    return [(i, item) for i, item in enumerate(seq) if item is not None]
 
 
 def _check_port(where: str, port, problems: list[str]) -> None:

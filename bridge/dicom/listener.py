@@ -200,7 +200,6 @@ class Listener:
         self._saved_tempfile = NamedTemporaryFile
 
     @property
-    @property
     def bound(self) -> bool:
         """True while the listener's socket is open."""
         return self._server is not None
@@ -251,6 +250,12 @@ class Listener:
         """Stop accepting, end open associations, close the socket and give
         pynetdicom's process-wide switches back their earlier values."""
         if self._server is not None:
+            # shutdown() waits for every association to end; one that is idle
+            # (a port probe, a modality that never sends A-ASSOCIATE) would hold
+            # it for the ACSE timeout. Aborting is safe: nothing unacknowledged
+            # is lost, the modality sends it again.
+            for assoc in list(self._server.active_associations):
+                assoc.abort()
             self._server.shutdown()
             self._server = None
             self._restore_pynetdicom()
