@@ -158,10 +158,12 @@ class RouteSettings:
     peers: tuple[str, ...]
     calling_ae: tuple[str, ...] = ()  # glob patterns; empty matches any
     called_ae: tuple[str, ...] = ()
-    match: dict[str, str] = field(default_factory=dict)  # keyword: glob
+    # keyword: a glob or a list of globs
+    match: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
     quiet_seconds: float = 30.0
     max_age_seconds: float = 3600.0
-    required_series: tuple[dict[str, str], ...] = ()
+    # each: {keyword: glob or globs}, or a plain SeriesDescription glob
+    required_series: tuple[dict[str, str | tuple[str, ...]] | str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -329,7 +331,7 @@ def config_from_mapping(
     problems: list[str] = []
     config = _build(Config, raw, "", problems, base)
     if config is not None:
-        config = _apply_env(config, env)
+        config = _apply_env(_resolve_store(config, base), env)
         problems += cross_check(config, check_files=check_files)
     if problems:
         raise ConfigError(problems)
@@ -380,7 +382,12 @@ def _convert(hint, value, path: str, problems: list[str], base: Path):
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in args:
             return None
-        hint = next(a for a in args if a is not type(None))
+        # Pick the member the value's shape fits; a plain string stays a string.
+        options = [a for a in args if a is not type(None)]
+        if isinstance(value, str) and str in options:
+            hint = str
+        else:
+            hint = next((a for a in options if a is not str), options[0])
         return _convert(hint, value, path, problems, base)
     if origin is Literal:
         if value not in args:
@@ -402,16 +409,26 @@ def _convert(hint, value, path: str, problems: list[str], base: Path):
         return tuple(items)
     if origin is dict:
         if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str | int) for k, v in value.items()
+            isinstance(k, str) and _is_patterns(v) for k, v in value.items()
         ):
             problems.append(
-                f"{path}: expected a mapping of names to strings, got {_show(value)}"
+                f"{path}: expected a mapping of keywords to a pattern or a list of "
+                f"patterns, got {_show(value)}"
             )
             return {}
-        return {k: str(v) for k, v in value.items()}
+        return {
+            k: tuple(map(str, v)) if isinstance(v, list) else str(v)
+            for k, v in value.items()
+        }
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path, problems, base)
     return _scalar(hint, value, path, problems, base)
+
+
+def _is_patterns(value) -> bool:
+    if isinstance(value, list):
+        return bool(value) and all(isinstance(v, str | int) for v in value)
+    return isinstance(value, str | int) and not isinstance(value, bool)
 
 
 def _scalar(hint, value, path: str, problems: list[str], base: Path):
@@ -551,7 +568,18 @@ def cross_check(config: Config, *, check_files: bool = True) -> list[str]:
             )
         if peer.transport == "drop" and peer.drop_folder is None:
             problems.append(f"{where}.drop_folder: required when transport is drop")
+        if (
+            peer.transport == "http"
+            and not peer.token
+            and not (peer.tls and peer.tls.cert)
+        ):
+            problems.append(
+                f"{where}: needs a token or a client certificate (tls.cert); set "
+                f"token or {env_name('PEER', peer.name)}"
+            )
+        _check_ranges(where, peer, problems)
         if check_files:
+            _check_writable(f"{where}.drop_folder", peer.drop_folder, problems)
             _check_file(f"{where}.encryption_key", peer.encryption_key, problems)
             _check_file(f"{where}.signing_key", peer.signing_key, problems)
             _check_tls(f"{where}.tls", peer.tls, problems)
@@ -563,6 +591,12 @@ def cross_check(config: Config, *, check_files: bool = True) -> list[str]:
             problems.append(
                 f"{where}: needs a token or client_cert_sha256 "
                 f"(or {env_name('SENDER', sender.name)})"
+            )
+        pin = sender.client_cert_sha256.replace(":", "")
+        if pin and not re.fullmatch(r"[0-9A-Fa-f]{64}", pin):
+            problems.append(
+                f"{where}.client_cert_sha256: expected 64 hex digits "
+                f"(colons allowed), got {_show(sender.client_cert_sha256)}"
             )
         if sender.reply_peer and sender.reply_peer not in peer_names:
             problems.append(f"{where}.reply_peer: no peer named {sender.reply_peer!r}")
@@ -578,12 +612,94 @@ def cross_check(config: Config, *, check_files: bool = True) -> list[str]:
             problems.append(
                 f"receiving.destinations[{j}]: no destination named {name!r}"
             )
+    for i, dest in _items(config.destinations):
+        _check_ranges(f"destinations[{i}]", dest, problems)
+        if dest.dimse_timeout <= 0:
+            problems.append(
+                f"destinations[{i}].dimse_timeout: expected a positive "
+                f"number of seconds, got {dest.dimse_timeout}"
+            )
+    for where, tls in (("dicom.tls", config.dicom.tls), ("http.tls", config.http.tls)):
+        if tls is not None and tls.require_client_cert and tls.ca is None:
+            problems.append(
+                f"{where}.require_client_cert: needs {where}.ca, the "
+                "certificates that may issue client certificates"
+            )
+    if config.dicom.max_pdu < 0:
+        problems.append(
+            f"dicom.max_pdu: expected 0 (unlimited) or more, got {config.dicom.max_pdu}"
+        )
+    _check_store_url(config.store_url, problems)
+    _check_token_names(config, problems)
     if check_files:
         _check_tls("dicom.tls", config.dicom.tls, problems)
         _check_tls("http.tls", config.http.tls, problems)
         _check_keys(config, problems)
         _check_writable("node.data_dir", config.node.data_dir, problems)
+        _check_writable("spool.path", config.spool.path, problems)
+        _check_writable(
+            "receiving.inbox_folder", config.receiving.inbox_folder, problems
+        )
     return problems
+
+
+def _check_ranges(where: str, settings, problems: list[str]) -> None:
+    """Check a peer's or destination's retry and circuit numbers."""
+    retry, circuit = settings.retry, settings.circuit
+    if retry.factor < 1:
+        problems.append(f"{where}.retry.factor: expected 1 or more, got {retry.factor}")
+    for name in ("initial_seconds", "max_seconds", "max_age_seconds"):
+        if getattr(retry, name) < 0:
+            problems.append(
+                f"{where}.retry.{name}: expected 0 or more seconds, got "
+                f"{getattr(retry, name)}"
+            )
+    if retry.max_attempts < 1:
+        problems.append(
+            f"{where}.retry.max_attempts: expected 1 or more, got {retry.max_attempts}"
+        )
+    if circuit.failures_to_open < 1 or circuit.open_seconds < 0:
+        problems.append(
+            f"{where}.circuit: expected failures_to_open of 1 or more "
+            "and open_seconds of 0 or more"
+        )
+    timeout = getattr(settings, "timeout_seconds", 1.0)
+    if timeout <= 0:
+        problems.append(
+            f"{where}.timeout_seconds: expected a positive number, got {timeout}"
+        )
+
+
+def _check_store_url(url: str, problems: list[str]) -> None:
+    if not url.startswith("sqlite:///") and "://" in url:
+        scheme = url.split("://", 1)[0]
+        problems.append(
+            f"store.url: scheme {scheme!r} is not supported, expected "
+            "sqlite:///PATH (README L-01)"
+        )
+
+
+def _check_token_names(config: Config, problems: list[str]) -> None:
+    """Two names that map to one token variable would share a secret."""
+    for section, items in (("PEER", config.peers), ("SENDER", config.senders)):
+        seen: dict[str, str] = {}
+        for _, item in _items(items):
+            var = env_name(section, item.name)
+            if var in seen and seen[var] != item.name:
+                problems.append(
+                    f"{item.name!r} and {seen[var]!r} both read their "
+                    f"token from {var}; rename one"
+                )
+            seen.setdefault(var, item.name)
+
+
+def _resolve_store(config: Config, base: Path) -> Config:
+    """Take a relative ``sqlite:///`` path relative to the configuration's folder."""
+    url = config.store.url
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        path = (base / url.removeprefix("sqlite:///")).resolve()
+        return dataclasses.replace(config, store=StoreSettings(url=f"sqlite:///{path}"))
+    return config
 
 
 def _items(seq) -> list[tuple[int, Any]]:
@@ -646,7 +762,9 @@ def _check_keys(config: Config, problems: list[str]) -> None:
         _check_file(f"node.keys ({name})", keys / name, problems, private=True)
 
 
-def _check_writable(where: str, folder: Path, problems: list[str]) -> None:
+def _check_writable(where: str, folder: Path | None, problems: list[str]) -> None:
+    if folder is None:
+        return
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

@@ -114,3 +114,72 @@ def test_embedded_defaults_load_without_a_file():
     config = load_config(None, check_files=False)
     assert config.dicom.ae_title == "JMIXBRIDGE"
     assert config.store_url.startswith("sqlite:///")
+
+
+PEER = "{name: %s, entity: {id: org:b}, encryption_key: b.pub, url: http://b%s}"
+
+
+def test_http_peer_without_any_credential_is_refused(tmp_path):
+    path = _write(tmp_path, "peers:\n  - " + PEER % ("clinic-b", "") + "\n")
+    assert any(
+        p.startswith("peers[0]: needs a token or a client certificate")
+        and "JMIX_BRIDGE_PEER_CLINIC_B_TOKEN" in p
+        for p in _problems(path)
+    )
+
+
+def test_two_names_sharing_one_token_variable_are_refused(tmp_path):
+    path = _write(
+        tmp_path,
+        "peers:\n  - "
+        + PEER % ("site-b", ", token: x")
+        + "\n  - "
+        + PEER % ("site_b", ", token: y")
+        + "\n",
+    )
+    assert any("JMIX_BRIDGE_PEER_SITE_B_TOKEN" in p for p in _problems(path))
+
+
+def test_unsupported_store_scheme_is_refused_at_check_time(tmp_path):
+    path = _write(tmp_path, "store: {url: 'postgresql://db/bridge'}\n")
+    assert any(
+        p.startswith("store.url: scheme 'postgresql' is not supported")
+        for p in _problems(path)
+    )
+
+
+def test_relative_sqlite_path_is_taken_from_the_file_folder(tmp_path):
+    path = _write(tmp_path, "store: {url: 'sqlite:///state/bridge.db'}\n")
+    config = load_config(path, check_files=False)
+    assert config.store_url == f"sqlite:///{tmp_path / 'state' / 'bridge.db'}"
+
+
+def test_required_client_certificate_without_a_ca_is_refused(tmp_path):
+    path = _write(tmp_path, "http: {tls: {require_client_cert: true}}\n")
+    assert any(
+        p.startswith("http.tls.require_client_cert: needs http.tls.ca")
+        for p in _problems(path)
+    )
+
+
+def test_route_match_takes_a_list_and_required_series_a_plain_string(tmp_path):
+    path = _write(
+        tmp_path,
+        "routes:\n  - {name: r, peers: [p], match: {Modality: "
+        "[CT, MR]}, required_series: ['AX*', {Modality: SR}]}\npeers:\n"
+        "  - " + PEER % ("p", ", token: t") + "\n",
+    )
+    route = load_config(path, check_files=False).routes[0]
+    assert route.match == {"Modality": ("CT", "MR")}
+    assert route.required_series == ("AX*", {"Modality": "SR"})
+
+
+def test_retry_numbers_out_of_range_are_refused(tmp_path):
+    path = _write(
+        tmp_path,
+        "peers:\n  - {name: p, entity: {id: x}, encryption_key: "
+        "x, url: http://x, token: t, retry: {factor: 0.5, max_attempts: 0}}\n",
+    )
+    problems = _problems(path)
+    assert "peers[0].retry.factor: expected 1 or more, got 0.5" in problems
+    assert "peers[0].retry.max_attempts: expected 1 or more, got 0" in problems
