@@ -17,9 +17,16 @@ READY_LINE = "    encryption  "  # the summary's last line
 class Daemon:
     """One ``jmix-bridge run`` process; its stdout is the start-up summary."""
 
-    def __init__(self, root: Path, args: list[str], env: dict | None = None):
+    def __init__(
+        self,
+        root: Path,
+        args: list[str],
+        env: dict | None = None,
+        command: list[str] | None = None,
+    ):
         self.root = root
         self.args = args
+        self.command = command or [sys.executable, "-m", "bridge", "run"]
         self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.summary = ""
         self.log = root / "daemon.log"
@@ -30,7 +37,7 @@ class Daemon:
         self.root.mkdir(parents=True, exist_ok=True)
         self._log_fh = open(self.log, "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "run", *self.args],
+            [*self.command, *self.args],
             cwd=self.root,
             env=self.env,
             stdout=subprocess.PIPE,
