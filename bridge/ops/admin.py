@@ -192,6 +192,8 @@ def _release(ctx: OpsContext, envelope_id: str) -> dict | None:
         fsync_rename(src, dest)
         path = f"inbox/{env.id}.zip"
     details = {**env.details, "releases": releases, "released_at": time.time()}
+    key = f"open:{env.id}:release:{releases}"
+    # One transaction: a crash cannot leave a stored envelope with no open job.
     ctx.store.set_envelope_state(
         env.id,
         "in",
@@ -199,14 +201,15 @@ def _release(ctx: OpsContext, envelope_id: str) -> dict | None:
         reason="released by operator",
         details=details,
         path=path,
+        jobs=[
+            NewJob(
+                queue=OPEN_QUEUE,
+                key=key,
+                payload={"envelope_id": env.id, "sender": env.peer, "released": True},
+            )
+        ],
     )
-    job = ctx.store.enqueue(
-        NewJob(
-            queue=OPEN_QUEUE,
-            key=f"open:{env.id}:release:{releases}",
-            payload={"envelope_id": env.id, "sender": env.peer, "released": True},
-        )
-    )
+    job = ctx.store.list_jobs(key_prefix=key, limit=1)[0]
     logger.warning(
         "quarantined envelope released by operator envelope=%s sender=%s job=%d",
         env.id,

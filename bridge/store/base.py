@@ -261,8 +261,10 @@ class Store(abc.ABC):
         reason: str = "",
         details: dict | None = None,
         path: str | None = None,
+        jobs: list[NewJob] = (),
     ) -> None:
-        """Change an envelope's state (and optionally reason, details, path)."""
+        """Change an envelope's state (and optionally reason, details, path),
+        enqueueing ``jobs`` in the same transaction."""
 
     @abc.abstractmethod
     def find_envelopes(

@@ -442,11 +442,14 @@ class SQLiteStore(Store):
         reason: str = "",
         details: dict | None = None,
         path: str | None = None,
+        jobs: list[NewJob] = (),
     ) -> None:
         with self._write() as conn:
             self._set_envelope_state(
                 conn, envelope_id, direction, state, reason, details, path
             )
+            for job in jobs:
+                self._enqueue(conn, job)
 
     @staticmethod
     def _set_envelope_state(
