@@ -7,9 +7,11 @@ every name is checked before anything is opened: duplicates, absolute names,
 
 import os
 import stat
+import struct
 import tempfile
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,6 +19,23 @@ from bridge.errors import IntegrityError, MalformedEnvelope, UnsafeEntry
 
 _SMALL_LIMIT = 64 * 1024 * 1024
 _MAX_ENTRIES = 1_000_000
+_MAX_SEGMENT = 255  # bytes in one path segment: NAME_MAX of Linux filesystems
+
+# What zipfile raises on damaged input besides BadZipFile: a truncated entry
+# (EOFError), a broken deflate stream (zlib.error), a UTF-8 flagged name that
+# is not UTF-8 (UnicodeDecodeError, a ValueError), a version or feature it does
+# not implement (NotImplementedError), odd offsets (ValueError, OverflowError,
+# struct.error). Each is translated here, once (STYLE "Errors").
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    EOFError,
+    zlib.error,
+    ValueError,
+    NotImplementedError,
+    OverflowError,
+    struct.error,
+)
 
 
 def _check_name(name: str) -> None:
@@ -27,9 +46,22 @@ def _check_name(name: str) -> None:
         or "\\" in name
         or any(ord(c) < 32 for c in name)
         or any(p in ("", ".", "..") for p in parts)
+        or any(len(p.encode("utf-8", "surrogateescape")) > _MAX_SEGMENT for p in parts)
         or (len(parts[0]) == 2 and parts[0][1] == ":")
     ):
         raise UnsafeEntry(f"zip entry {name!r:.200}: unsafe name")
+
+
+def _check_no_file_is_a_folder(found: dict[str, int]) -> None:
+    """Refuse a file whose name is also the folder of another (``a`` and ``a/b``).
+
+    Extraction could not create both; refusing here keeps that an envelope
+    error rather than a filesystem one.
+    """
+    folders = {name[:i] for name in found for i, c in enumerate(name) if c == "/"}
+    clash = sorted(folders & found.keys())
+    if clash:
+        raise UnsafeEntry(f"zip entry {clash[0]!r:.200}: both a file and a folder")
 
 
 class ZipOut:
@@ -99,7 +131,7 @@ class _Guarded:
     def read(self, size: int = -1) -> bytes:
         try:
             return self._stream.read(size)
-        except zipfile.BadZipFile as exc:
+        except (*_ZIP_ERRORS, OSError) as exc:
             raise IntegrityError(f"{self._name}: corrupt zip entry ({exc})") from exc
 
     def close(self) -> None:
@@ -124,8 +156,12 @@ class Source:
         self._prefix = ""
         if self.path.is_dir():
             self.names = self._scan_folder()
-        else:
+            return
+        try:
             self.names = self._scan_zip()
+        except BaseException:
+            self.close()
+            raise
 
     def _scan_folder(self) -> dict[str, int]:
         names: dict[str, int] = {}
@@ -145,8 +181,10 @@ class Source:
     def _scan_zip(self) -> dict[str, int]:
         try:
             self._zip = zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise MalformedEnvelope(f"{self.path}: not a readable zip: {exc}") from exc
+        except (*_ZIP_ERRORS, OSError) as exc:
+            raise MalformedEnvelope(
+                f"{self.path}: not a readable zip: {exc!s:.200}"
+            ) from exc
         archive_size = self.path.stat().st_size
         infos = self._zip.infolist()
         if len(infos) > _MAX_ENTRIES:
@@ -178,6 +216,7 @@ class Source:
             if info.is_dir():
                 continue
             found[name] = info.file_size
+        _check_no_file_is_a_folder(found)
         return self._find_root(found)
 
     def _find_root(self, found: dict[str, int]) -> dict[str, int]:
@@ -199,7 +238,15 @@ class Source:
             raise MalformedEnvelope(f"{self.path}: {name} is missing")
         if self._zip is None:
             return open(self.path / name, "rb")
-        return _Guarded(self._zip.open(self._prefix + name), name)
+        try:
+            stream = self._zip.open(self._prefix + name)
+        except (*_ZIP_ERRORS, OSError) as exc:
+            # The local header disagrees with the central directory, or is
+            # damaged: the archive is not what its index says.
+            raise MalformedEnvelope(
+                f"zip entry {name!r:.200}: unreadable ({exc!s:.200})"
+            ) from exc
+        return _Guarded(stream, name)
 
     def read_small(self, name: str, limit: int = _SMALL_LIMIT) -> bytes:
         """Read a small entry whole, refusing one larger than ``limit`` bytes."""

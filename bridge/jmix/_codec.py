@@ -17,6 +17,13 @@ from bridge.errors import MalformedEnvelope, SchemaViolation
 CHUNK = 1024 * 1024
 """Every stream in the envelope code moves in chunks of this many bytes."""
 
+MAX_JSON_DEPTH = 64
+"""Arrays and objects nest at most this deep in an envelope's JSON documents.
+
+Ours nest five deep; the bound keeps every later walk (schema checks, JCS,
+``repr`` in an error message) far from Python's recursion limit.
+"""
+
 _RFC3339 = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?"
     r"([Zz]|[+-]\d{2}:\d{2})$"
@@ -38,6 +45,10 @@ def b64decode(text: object, field: str, length: int | None = None) -> bytes:
         data = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError) as exc:
         raise SchemaViolation(f"{field}: not valid base64: {text!r:.40}") from exc
+    # The decoder ignores the unused low bits of the last character, so "QR=="
+    # and "QQ==" both give b"A"; only the canonical spelling is accepted.
+    if b64encode(data) != text:
+        raise SchemaViolation(f"{field}: not canonical base64: {text!r:.40}")
     if length is not None and len(data) != length:
         raise SchemaViolation(
             f"{field}: expected {length} bytes of base64, got {len(data)}"
@@ -52,9 +63,16 @@ def b64url(data: bytes) -> str:
 
 def b64url_decode(text: str, field: str) -> bytes:
     """Decode unpadded base64url from ``field``; refuse padding and stray bytes."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]*", text) or len(text) % 4 == 1:
+    if (
+        not isinstance(text, str)
+        or not re.fullmatch(r"[A-Za-z0-9_-]*", text)
+        or len(text) % 4 == 1
+    ):
         raise SchemaViolation(f"{field}: not unpadded base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url(data) != text:
+        raise SchemaViolation(f"{field}: not canonical base64url")
+    return data
 
 
 def hash_text(digest: bytes) -> str:
@@ -131,16 +149,40 @@ def _no_duplicates(pairs: list) -> dict:
     return result
 
 
+def _depth(doc: object) -> int:
+    """Return how deep arrays and objects nest in ``doc``, without recursing."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = node.values()
+        elif not isinstance(node, list):
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_JSON_DEPTH:
+            stack.extend((child, depth + 1) for child in node)
+    return deepest
+
+
 def load_json(data: bytes, name: str) -> object:
-    """Parse strict UTF-8 JSON: no duplicate keys, NaN or Infinity."""
+    """Parse strict UTF-8 JSON: no duplicate keys, NaN or Infinity, nesting bounded.
+
+    Raises :class:`MalformedEnvelope` naming ``name`` for anything else,
+    including nesting deeper than :data:`MAX_JSON_DEPTH`.
+    """
     try:
-        return json.loads(
+        doc = json.loads(
             data.decode("utf-8"),
             object_pairs_hook=_no_duplicates,
             parse_constant=_reject_constant,
         )
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise MalformedEnvelope(f"{name}: not valid JSON: {exc}") from exc
+        raise MalformedEnvelope(f"{name}: not valid JSON: {exc!s:.200}") from exc
+    if _depth(doc) > MAX_JSON_DEPTH:
+        raise MalformedEnvelope(
+            f"{name}: arrays and objects nest deeper than {MAX_JSON_DEPTH} levels"
+        )
+    return doc
 
 
 def dump_json(doc: object) -> bytes:

@@ -12,6 +12,7 @@ duplicates are refused (docs/envelope.md section 7).
 """
 
 import hashlib
+import re
 import tarfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from bridge.errors import MalformedEnvelope, UnpackableStudy, UnsafeEntry
 BLOCK = 512
 _ZERO = bytes(BLOCK)
 _META_LIMIT = 1024 * 1024
+_MAX_SEGMENT = 255  # bytes in one path segment: NAME_MAX of Linux filesystems
+_DIGITS = re.compile(r"[0-9]{1,20}")
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
 _IGNORED = (tarfile.DIRTYPE, tarfile.XGLTYPE)
 
@@ -76,26 +79,28 @@ class Member:
     digest: bytes
 
 
-def clean_name(raw: str, strip: tuple[str, ...] = ("./", "payload/")) -> str | None:
-    """Return a safe relative name, ``None`` for the payload root itself.
+def clean_name(raw: str, strip: tuple[str, ...] = ("./", "payload/")) -> str:
+    """Return a safe relative name for a payload file.
 
     Strips one leading ``./`` and then one ``payload/`` (the rs and js dialects);
-    refuses absolute names, ``..``, backslashes and control characters.
+    refuses absolute names, ``..``, backslashes, control characters, segments
+    longer than a filesystem allows, and a name that is the payload root itself
+    (a file cannot be the folder it is in) with :class:`UnsafeEntry`.
     """
     name = raw
     for prefix in strip:
         if name.startswith(prefix):
             name = name[len(prefix) :]
     name = name.rstrip("/")
-    if name in ("", ".", "payload"):
-        return None
     parts = name.split("/")
     if (
-        raw.startswith("/")
+        name in ("", ".", "payload")
+        or raw.startswith("/")
         or "\\" in name
         or any(ord(c) < 32 for c in name)
         or any(p in ("", ".", "..") for p in parts)
         or len(name) > 1024
+        or any(len(p.encode("utf-8", "surrogateescape")) > _MAX_SEGMENT for p in parts)
         or (len(parts[0]) == 2 and parts[0][1] == ":")
     ):
         raise UnsafeEntry(f"payload entry {raw!r:.200}: unsafe name")
@@ -144,6 +149,7 @@ class TarParser:
         self._pax: dict[str, str] = {}
         self._meta = bytearray()
         self._meta_kind = b""
+        self._folders: set[str] = set()  # every folder some member sits in
         self._current: Member | None = None
         self._hasher = None
         self._kept: bytearray | None = None
@@ -192,6 +198,9 @@ class TarParser:
         pax, self._pax = self._pax, {}
         name = pax.get("path", info.name)
         size = int(pax["size"]) if "size" in pax else info.size
+        if size < 0:
+            # Base-256 size fields (GNU) can encode negative numbers.
+            raise MalformedEnvelope(f"payload tar has a negative size: {size}")
         if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME):
             if size > _META_LIMIT:
                 raise UnsafeEntry("payload tar has an oversize extended header")
@@ -210,8 +219,12 @@ class TarParser:
                 f"payload entry {name!r:.200}: links and devices are not allowed"
             )
         cleaned = clean_name(name)
-        if cleaned is None or cleaned in self.members:
-            raise UnsafeEntry(f"payload entry {name!r:.200}: duplicate or empty name")
+        if cleaned in self.members:
+            raise UnsafeEntry(f"payload entry {name!r:.200}: duplicate name")
+        folders = {cleaned[:i] for i, c in enumerate(cleaned) if c == "/"}
+        if cleaned in self._folders or folders & self.members.keys():
+            raise UnsafeEntry(f"payload entry {name!r:.200}: both a file and a folder")
+        self._folders |= folders
         if cleaned in self.limits and size > self.limits[cleaned]:
             raise UnsafeEntry(
                 f"payload entry {cleaned!r}: {size} bytes, more than files.json says"
@@ -278,6 +291,7 @@ def _parse_pax(data: bytes) -> dict[str, str]:
             "utf-8", "surrogateescape"
         )
         pos += length
-    if "size" in records and not records["size"].isdigit():
+    # str.isdigit() also admits digits int() refuses (superscripts).
+    if "size" in records and not _DIGITS.fullmatch(records["size"]):
         raise MalformedEnvelope("payload tar has a bad PAX size")
     return records
