@@ -382,6 +382,35 @@ class Store(abc.ABC):
     def job_counts(self) -> list[JobCount]:
         """Return job counts by queue, target and state (for metrics)."""
 
+    # -- retention ------------------------------------------------------------
+
+    @abc.abstractmethod
+    def purgeable_studies(self, before: float, limit: int = 100) -> list[Study]:
+        """Return sealed studies, sealed before ``before`` and not yet purged,
+        whose every envelope was delivered and whose seal jobs are all done."""
+
+    @abc.abstractmethod
+    def exclusive_spool_paths(self, ref: str) -> list[str]:
+        """Return the spool files of a study that no other unpurged study uses."""
+
+    @abc.abstractmethod
+    def mark_study_purged(self, ref: str) -> None:
+        """Record that a study's spool files are gone (its records stay)."""
+
+    @abc.abstractmethod
+    def purgeable_envelopes(self, before: float, limit: int = 100) -> list[Envelope]:
+        """Return envelopes whose files may go: outgoing ones delivered (or
+        arrived), incoming ones opened with every forward job done, unchanged
+        since before ``before`` and not yet purged. Quarantine is never listed."""
+
+    @abc.abstractmethod
+    def mark_envelope_purged(self, envelope_id: str, direction: str) -> None:
+        """Record that an envelope's spool files are gone (its record stays)."""
+
+    @abc.abstractmethod
+    def spool_path_used(self, rel: str) -> bool:
+        """Return True when an instance record names this spool file."""
+
     # -- health ---------------------------------------------------------------
 
     @abc.abstractmethod

@@ -38,7 +38,7 @@ from bridge.store.base import (
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS studies (
     seal_trigger TEXT NOT NULL DEFAULT '',
     hold_reason TEXT NOT NULL DEFAULT '',
     calling_ae TEXT NOT NULL DEFAULT '',
+    purged_at REAL,
     UNIQUE (study_uid, route, generation)
 );
 CREATE INDEX IF NOT EXISTS studies_due ON studies (state, seal_due);
@@ -81,6 +82,7 @@ CREATE TABLE IF NOT EXISTS instances (
     UNIQUE (study_ref, sop_uid)
 );
 CREATE INDEX IF NOT EXISTS instances_sop ON instances (study_uid, sop_uid);
+CREATE INDEX IF NOT EXISTS instances_spool ON instances (spool_path);
 CREATE TABLE IF NOT EXISTS envelopes (
     id TEXT NOT NULL,
     direction TEXT NOT NULL,
@@ -95,6 +97,7 @@ CREATE TABLE IF NOT EXISTS envelopes (
     details TEXT NOT NULL DEFAULT '{}',
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
+    purged_at REAL,
     PRIMARY KEY (id, direction)
 );
 CREATE INDEX IF NOT EXISTS envelopes_study ON envelopes (study_uid);
@@ -123,6 +126,32 @@ CREATE INDEX IF NOT EXISTS jobs_due ON jobs (queue, state, not_before);
 """
 
 
+# Schema changes, by the version they upgrade from. Each runs inside the write
+# transaction that opens the store, so an upgrade is all or nothing.
+_MIGRATIONS = {
+    1: (
+        "ALTER TABLE studies ADD COLUMN purged_at REAL",
+        "ALTER TABLE envelopes ADD COLUMN purged_at REAL",
+    ),
+}
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    while version in _MIGRATIONS:
+        for statement in _MIGRATIONS[version]:
+            conn.execute(statement)
+        version += 1
+    conn.execute(
+        "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(version),)
+    )
+    logger.info("state store upgraded schema_version=%d", version)
+
+
+# Outgoing envelope states that mean the peer has it: delivered, and arrived at
+# the peer's PACS (a signed receipt came back).
+_DELIVERED = ("delivered", "arrived")
+
+
 def new_study_ref() -> str:
     """Return a fresh opaque study reference (never derived from a UID)."""
     return "st-" + secrets.token_hex(6)
@@ -149,6 +178,8 @@ class SQLiteStore(Store):
                         "INSERT INTO meta VALUES ('schema_version', ?)",
                         (str(SCHEMA_VERSION),),
                     )
+                elif int(row[0]) in _MIGRATIONS:
+                    _migrate(conn, int(row[0]))
                 elif int(row[0]) != SCHEMA_VERSION:
                     raise StoreError(
                         f"{self.path}: schema version {row[0]}, this bridge "
@@ -712,6 +743,66 @@ class SQLiteStore(Store):
             JobCount(r["queue"], r["target"], JobState(r["state"]), r["n"], r["oldest"])
             for r in rows
         ]
+
+    # -- retention ----------------------------------------------------------------
+
+    def purgeable_studies(self, before: float, limit: int = 100) -> list[Study]:
+        rows = self._read(
+            "SELECT s.* FROM studies s WHERE s.state = ? AND s.purged_at IS NULL "
+            "AND s.sealed_at < ? "
+            "AND EXISTS (SELECT 1 FROM envelopes e WHERE e.direction = 'out' "
+            "  AND e.study_ref = s.ref) "
+            "AND NOT EXISTS (SELECT 1 FROM envelopes e WHERE e.direction = 'out' "
+            "  AND e.study_ref = s.ref AND e.state NOT IN (?, ?)) "
+            "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.queue = 'seal' "
+            "  AND substr(j.key, 1, length(s.ref) + 6) = 'seal:' || s.ref || ':' "
+            "  AND j.state != 'done') "
+            "ORDER BY s.sealed_at LIMIT ?",
+            (StudyState.SEALED.value, before, *_DELIVERED, limit),
+        )
+        return [_study(r) for r in rows]
+
+    def exclusive_spool_paths(self, ref: str) -> list[str]:
+        rows = self._read(
+            "SELECT DISTINCT i.spool_path FROM instances i WHERE i.study_ref = ? "
+            "AND NOT EXISTS (SELECT 1 FROM instances o JOIN studies s "
+            "  ON s.ref = o.study_ref WHERE o.spool_path = i.spool_path "
+            "  AND o.study_ref != i.study_ref AND s.purged_at IS NULL)",
+            (ref,),
+        )
+        return [r["spool_path"] for r in rows]
+
+    def mark_study_purged(self, ref: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE studies SET purged_at = ? WHERE ref = ?", (time.time(), ref)
+            )
+
+    def purgeable_envelopes(self, before: float, limit: int = 100) -> list[Envelope]:
+        rows = self._read(
+            "SELECT e.* FROM envelopes e WHERE e.purged_at IS NULL "
+            "AND e.updated_at < ? AND ("
+            "  (e.direction = 'out' AND e.state IN (?, ?)) OR "
+            "  (e.direction = 'in' AND e.state = 'opened' AND NOT EXISTS ("
+            "    SELECT 1 FROM jobs j WHERE j.queue = 'forward' "
+            "    AND substr(j.key, 1, length(e.id) + 9) = 'forward:' || e.id || ':' "
+            "    AND j.state != 'done'))) "
+            "ORDER BY e.updated_at LIMIT ?",
+            (before, *_DELIVERED, limit),
+        )
+        return [_envelope(r) for r in rows]
+
+    def mark_envelope_purged(self, envelope_id: str, direction: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE envelopes SET purged_at = ? WHERE id = ? AND direction = ?",
+                (time.time(), envelope_id, direction),
+            )
+
+    def spool_path_used(self, rel: str) -> bool:
+        return bool(
+            self._read("SELECT 1 FROM instances WHERE spool_path = ? LIMIT 1", (rel,))
+        )
 
     # -- health -----------------------------------------------------------------
 
