@@ -53,20 +53,36 @@ def resolve(manifest: dict, path: str) -> object:
     return node
 
 
-def signed_bytes(manifest: dict, fields: list[str]) -> bytes:
-    """Return the JCS bytes the assertion signs; refuse a path that does not resolve."""
+def signed_values(doc: dict, fields: list[str], where: str) -> dict:
+    """Return ``{path: value}`` for ``fields`` of ``doc``; refuse a missing path."""
     if len(set(fields)) != len(fields):
-        raise SchemaViolation("sender.assertion.signed_fields: a path is listed twice")
+        raise SchemaViolation(f"{where}.signed_fields: a path is listed twice")
     values = {}
     for index, path in enumerate(fields):
         try:
-            values[path] = resolve(manifest, path)
+            values[path] = resolve(doc, path)
         except _Missing:
             raise SchemaViolation(
-                f"sender.assertion.signed_fields[{index}]: {path!r} does not resolve "
-                "in the manifest"
+                f"{where}.signed_fields[{index}]: {path!r} does not resolve "
+                "in the document it signs"
             ) from None
-    return rfc8785.dumps(values)
+    return values
+
+
+def signed_bytes(
+    manifest: dict, fields: list[str], where: str = "sender.assertion"
+) -> bytes:
+    """Return the JCS bytes the assertion signs; refuse a path that does not resolve."""
+    return rfc8785.dumps(signed_values(manifest, fields, where))
+
+
+def signing_key_json(public: Ed25519PublicKey) -> dict:
+    """Return the ``signing_key`` object of an assertion for ``public``."""
+    return {
+        "alg": "Ed25519",
+        "public_key": b64encode(raw_public(public)),
+        "fingerprint": fingerprint(public),
+    }
 
 
 def make_assertion(
@@ -76,13 +92,8 @@ def make_assertion(
     expires_at: str | None,
 ) -> dict:
     """Return a sender assertion over ``fields`` of ``manifest``."""
-    public = key.public_key()
     assertion = {
-        "signing_key": {
-            "alg": "Ed25519",
-            "public_key": b64encode(raw_public(public)),
-            "fingerprint": fingerprint(public),
-        },
+        "signing_key": signing_key_json(key.public_key()),
         "signed_fields": list(fields),
         "signature": b64encode(key.sign(signed_bytes(manifest, list(fields)))),
     }
@@ -91,12 +102,10 @@ def make_assertion(
     return assertion
 
 
-def assertion_key(assertion: dict) -> Ed25519PublicKey:
+def assertion_key(assertion: dict, where: str = "sender.assertion") -> Ed25519PublicKey:
     """Return the public key an assertion names, refusing a mismatched fingerprint."""
     raw = b64decode(
-        assertion["signing_key"]["public_key"],
-        "sender.assertion.signing_key.public_key",
-        32,
+        assertion["signing_key"]["public_key"], f"{where}.signing_key.public_key", 32
     )
     public = Ed25519PublicKey.from_public_bytes(raw)
     if assertion["signing_key"]["fingerprint"].lower() != fingerprint(public).lower():
@@ -104,11 +113,18 @@ def assertion_key(assertion: dict) -> Ed25519PublicKey:
     return public
 
 
-def verify_assertion(manifest: dict, public: Ed25519PublicKey) -> None:
-    """Verify the sender assertion of ``manifest`` with ``public``; raise on failure."""
-    assertion = manifest["sender"]["assertion"]
-    message = signed_bytes(manifest, assertion["signed_fields"])
-    signature = b64decode(assertion["signature"], "sender.assertion.signature")
+def verify_assertion(
+    manifest: dict, public: Ed25519PublicKey, role: str = "sender"
+) -> None:
+    """Verify the assertion of ``manifest[role]`` with ``public``; raise on failure.
+
+    ``role`` is ``sender`` or ``requester``; both sign paths of the manifest
+    the same way (docs/governance.md section 1).
+    """
+    where = f"{role}.assertion"
+    assertion = manifest[role]["assertion"]
+    message = signed_bytes(manifest, assertion["signed_fields"], where)
+    signature = b64decode(assertion["signature"], f"{where}.signature")
     try:
         public.verify(signature, message)
     except InvalidSignature as exc:

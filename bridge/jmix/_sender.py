@@ -17,6 +17,7 @@ from bridge.errors import (
 from ._archive import Source
 from ._assertion import assertion_key, required_fields, verify_assertion, verify_jws
 from ._codec import b64url_decode, load_json, parse_time, utc_now
+from ._governance import check_governance
 from ._shape import MANIFEST
 from .keys import fingerprint
 from .trust import DEFAULT_POLICY, OpenPolicy, TrustStore
@@ -30,6 +31,7 @@ class SenderCheck:
 
     fingerprint: str | None
     warnings: list[str] = field(default_factory=list)
+    governance: dict = field(default_factory=dict)
 
 
 def parse_manifest(data: bytes) -> dict:
@@ -116,6 +118,9 @@ def sender_check(
         if policy.expiry == "reject":
             raise ExpiredAssertion(note)
         result.warnings.append(note)
+
+    pin = trust.lookup(result.fingerprint) if result.fingerprint else None
+    result.governance = check_governance(manifest, pin, policy, result.warnings)
     return result
 
 
@@ -129,10 +134,12 @@ def check_sender(
     """Check that a manifest is well formed and signed by a pinned sender.
 
     Verifies the sender assertion and ``manifest.jws`` against ``trust`` and
-    applies ``policy`` (receiver, encryption, expiry). ``manifest_bytes`` are
-    the exact bytes of ``manifest.json``; when omitted they are taken from the
-    JWS payload, which the JWS signature then covers. Returns the signer's
-    fingerprint (None under transport trust when no signature verified).
+    applies ``policy`` (receiver, encryption, expiry, and the governance
+    elements of docs/governance.md: requester, attestation, key_reference).
+    ``manifest_bytes`` are the exact bytes of ``manifest.json``; when omitted
+    they are taken from the JWS payload, which the JWS signature then covers.
+    Returns the signer's fingerprint (None under transport trust when no
+    signature verified).
     Raises a :class:`~bridge.errors.VerificationFailed` subclass otherwise.
     """
     if manifest_bytes is None:

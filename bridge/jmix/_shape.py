@@ -139,6 +139,7 @@ _CONTACT = OneOf(_TEXT, Obj({"system": _TEXT, "value": _TEXT}))
 _ENTITY = Obj(
     {"id": _TEXT}, {"name": _TEXT, "contact": _CONTACT, "assertion": ASSERTION}
 )
+ENTITY = _ENTITY
 _CONSENT = Obj(
     {"status": Str(enum=["granted", "denied", "unknown"])},
     {
@@ -227,22 +228,17 @@ METADATA = Obj(
 FILES = Arr(Obj({"file": _TEXT}, {"hash": _TEXT, "size_bytes": Int()}))
 
 _ENTITY_REF = Obj({"id": _TEXT}, {"name": _TEXT})
-AUDIT = Obj(
+AUDIT_ENTRY = Obj(
+    {"event": _TEXT, "by": _ENTITY_REF, "timestamp": _TIME},
     {
-        "audit": Arr(
-            Obj(
-                {"event": _TEXT, "by": _ENTITY_REF, "timestamp": _TIME},
-                {
-                    "to": _ENTITY_REF,
-                    "assertion": Obj(
-                        {
-                            "signing_key": _SIGNING_KEY,
-                            "signed_fields": Arr(_TEXT, 1),
-                            "signature": _TEXT,
-                        }
-                    ),
-                },
-            )
-        )
-    }
+        "to": _ENTITY_REF,
+        "assertion": Obj(
+            {
+                "signing_key": _SIGNING_KEY,
+                "signed_fields": Arr(_TEXT, 1),
+                "signature": _TEXT,
+            }
+        ),
+    },
 )
+AUDIT = Obj({"audit": Arr(AUDIT_ENTRY)})

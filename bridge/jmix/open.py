@@ -36,8 +36,9 @@ from ._archive import Source
 from ._codec import CHUNK, b64decode, load_json, parse_hash
 from ._payload import JS, ClearHash, Dialect, candidates, check_files, parse_files
 from ._sender import MANIFEST_LIMIT, parse_manifest, sender_check
-from ._shape import AUDIT, METADATA
+from ._shape import METADATA
 from ._tar import BLOCK, Member, Sink, TarParser, clean_name
+from .audit import stored_audit_path, verify_audit
 from .trust import DEFAULT_POLICY, OpenPolicy, TrustStore
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,11 @@ class OpenedEnvelope:
     files: list[tuple[str, int]] = field(default_factory=list)
     dicom_files: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    governance: dict = field(default_factory=dict)
+    """One record per governance element (``requester``, ``attestation``,
+    ``key_reference``, ``audit``), each with a ``status`` (docs/governance.md)."""
+    audit: dict | None = None
+    """The envelope's ``audit.json`` as received (None when it has none)."""
 
 
 class _DiskSink(Sink):
@@ -288,10 +294,13 @@ def _process(
         )
         checked = sender_check(manifest, manifest_bytes, jws, trust, policy)
         warnings += checked.warnings
+        audit = None
         if "audit.json" in source.names:
-            AUDIT.check(
-                load_json(source.read_small("audit.json"), "audit.json"), "audit.json"
-            )
+            audit = load_json(source.read_small("audit.json"), "audit.json")
+        governance = {
+            **checked.governance,
+            "audit": _check_audit(audit, manifest["id"], trust, policy, warnings),
+        }
 
         # Step 2: the payload, decrypted and hashed in one pass.
         encrypted = "encryption" in manifest.get("security", {})
@@ -345,7 +354,43 @@ def _process(
         sender_id=manifest["sender"]["id"],
         files=files,
         warnings=warnings,
+        governance=governance,
+        audit=audit,
     )
+
+
+def _check_audit(
+    audit: object,
+    envelope_id: str,
+    trust: TrustStore,
+    policy: OpenPolicy,
+    warnings: list[str],
+) -> dict:
+    """Check the received audit trail under ``policy.audit``; return its record.
+
+    Entries by the sender are checked against the sender's pins, entries by
+    other nodes against ``policy.audit_trust`` (docs/governance.md section 4).
+    """
+    if audit is None:
+        if policy.audit == "required":
+            raise PolicyViolation("audit.json: absent, and the policy requires one")
+        return {"status": "absent", "entries": []}
+    nodes = trust.merged(policy.audit_trust) if policy.audit_trust else trust
+    results = verify_audit(audit, envelope_id, nodes, policy.audit)
+    statuses = {r.status for r in results}
+    if not results:
+        status = "absent"
+    elif statuses == {"verified"}:
+        status = "verified"
+    elif "failed" in statuses:
+        status = "failed"
+        warnings.append(
+            "audit.json: an entry failed verification; accepted because the "
+            "audit policy is 'ignored'"
+        )
+    else:
+        status = "partly-verified"
+    return {"status": status, "entries": [r.as_json() for r in results]}
 
 
 def verify_envelope(
@@ -440,6 +485,8 @@ def inspect_envelope(src: str | os.PathLike) -> dict:
     """Return what can be known without keys: the manifest and the entries.
 
     Never reads ``payload/metadata.json`` or any payload file, so no patient data.
+    The audit shown is the node's stored copy beside the envelope when there is
+    one (it holds the entries added at this node), else the envelope's own.
     """
     with Source(src) as source:
         manifest = parse_manifest(source.read_small("manifest.json", MANIFEST_LIMIT))
@@ -447,8 +494,14 @@ def inspect_envelope(src: str | os.PathLike) -> dict:
         audit = None
         if "audit.json" in names:
             audit = load_json(source.read_small("audit.json"), "audit.json")
+    audit_source = "envelope" if audit is not None else None
+    stored = stored_audit_path(src)
+    if stored.is_file():
+        audit, audit_source = load_json(stored.read_bytes(), "audit.json"), "stored"
     security = manifest.get("security", {})
     assertion = manifest["sender"].get("assertion", {})
+    requester = manifest.get("requester")
+    entries = (audit or {}).get("audit", []) if isinstance(audit, dict) else []
     cipher = next((n for n in ("payload.enc", "payload.encrypted") if n in names), None)
     payload_files = [n for n in names if n.startswith("payload/")]
     return {
@@ -469,9 +522,38 @@ def inspect_envelope(src: str | os.PathLike) -> dict:
         "signer_fingerprint": assertion.get("signing_key", {}).get("fingerprint"),
         "signed_fields": assertion.get("signed_fields", []),
         "expires_at": assertion.get("expires_at"),
+        "key_reference": assertion.get("key_reference"),
+        "directory_attestation": (assertion.get("directory_attestation") or {}).get(
+            "provider"
+        ),
+        "requester": {
+            "id": requester.get("id"),
+            "name": requester.get("name"),
+            "signer_fingerprint": requester.get("assertion", {})
+            .get("signing_key", {})
+            .get("fingerprint"),
+        }
+        if isinstance(requester, dict)
+        else None,
         "has_jws": "manifest.jws" in names,
-        "audit_events": [e.get("event") for e in (audit or {}).get("audit", [])]
-        if isinstance(audit, dict)
-        else [],
+        "audit_source": audit_source,
+        "audit_events": [e.get("event") for e in entries if isinstance(e, dict)],
+        "audit": [_audit_line(e) for e in entries if isinstance(e, dict)],
         "manifest": manifest,
     }
+
+
+def _audit_line(entry: dict) -> dict:
+    """Return what inspect shows of one audit entry (unverified)."""
+    line = {
+        "event": entry.get("event"),
+        "by": (entry.get("by") or {}).get("id"),
+        "timestamp": entry.get("timestamp"),
+        "signer_fingerprint": (entry.get("assertion") or {})
+        .get("signing_key", {})
+        .get("fingerprint"),
+    }
+    if isinstance(entry.get("to"), dict):
+        line["to"] = entry["to"].get("id")
+        line["to_name"] = entry["to"].get("name")
+    return line

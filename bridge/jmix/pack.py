@@ -6,6 +6,7 @@ the zip entry, so memory stays flat whatever the study's size
 (docs/envelope.md section 9).
 """
 
+import copy
 import hashlib
 import logging
 import os
@@ -27,8 +28,12 @@ from ._archive import ZipOut
 from ._assertion import make_assertion, make_jws, required_fields
 from ._codec import CHUNK, b64encode, dump_json, hash_text, is_uuid, utc_now, utc_text
 from ._payload import DIALECTS, WRITABLE, ClearHash, Dialect, files_document
+from ._shape import ASSERTION
 from ._tar import TarWriter
-from .keys import raw_public
+from .attestation import read_attestation_unverified
+from .audit import CREATED, append_audit, new_audit
+from .keys import fingerprint, raw_public
+from .request import Request, check_request_fits
 from .trust import Entity
 
 logger = logging.getLogger(__name__)
@@ -156,6 +161,64 @@ def _clear(
     return {"payload_hash": hash_text(digest)}
 
 
+def _check_governance_inputs(
+    sender: Entity,
+    signing_key: Ed25519PrivateKey,
+    receiver: Entity,
+    request: Request | None,
+    attestation: dict | None,
+) -> None:
+    """Refuse, before any work, a request or attestation that cannot fit."""
+    if request is not None and request.receiver_id != receiver.id:
+        raise ValueError(
+            f"request: made for receiver {request.receiver_id!r}, but this "
+            f"envelope goes to {receiver.id!r}"
+        )
+    if attestation is not None:
+        doc = read_attestation_unverified(attestation)
+        own = fingerprint(signing_key.public_key())
+        if doc["key_fingerprint"].lower() != own.lower():
+            raise ValueError(
+                f"attestation: attests key {doc['key_fingerprint']}, not the "
+                f"signing key {own}"
+            )
+        if doc["subject"] != sender.id:
+            raise ValueError(
+                f"attestation: made for {doc['subject']!r}, not for sender "
+                f"{sender.id!r}"
+            )
+
+
+def _sender_assertion(
+    manifest: dict,
+    key: Ed25519PrivateKey,
+    encrypted: bool,
+    expires_at: str | None,
+    key_reference: str | None,
+    attestation: dict | None,
+) -> dict:
+    """Return the sender assertion: our profile's fields, plus governance ones.
+
+    With a requester, the sender also binds ``requester.id`` and the requester's
+    signature, so the request cannot be swapped; with a key reference, the
+    reference itself (docs/governance.md section 3).
+    """
+    fields = list(required_fields(encrypted))
+    if "requester" in manifest:
+        fields += ["requester.id", "requester.assertion.signature"]
+    if key_reference:
+        # The reference must resolve while signing, so it goes in first.
+        manifest["sender"]["assertion"] = {"key_reference": key_reference}
+        fields.append("sender.assertion.key_reference")
+    assertion = make_assertion(manifest, key, tuple(fields), expires_at)
+    if key_reference:
+        assertion["key_reference"] = key_reference
+    if attestation is not None:
+        assertion["directory_attestation"] = copy.deepcopy(attestation)
+    ASSERTION.check(assertion, "sender.assertion")
+    return assertion
+
+
 def pack(
     sources: str | os.PathLike | Iterable[str | os.PathLike],
     out_zip: str | os.PathLike,
@@ -170,6 +233,9 @@ def pack(
     fallback_patient_id: str = "UNKNOWN",
     workdir: str | os.PathLike | None = None,
     progress: Progress | None = None,
+    request: Request | None = None,
+    key_reference: str | None = None,
+    attestation: dict | None = None,
 ) -> PackResult:
     """Pack the DICOM files in ``sources`` (one study) into ``out_zip``.
 
@@ -179,8 +245,15 @@ def pack(
     ``workdir`` is accepted for callers that manage scratch space; nothing needs
     it, because the payload streams straight into the zip.
 
+    Governance (docs/governance.md): ``request`` is a signed request whose
+    requester entity is copied into the manifest untouched; ``key_reference``
+    is written into the sender assertion and signed; ``attestation`` is a
+    ``directory_attestation`` of the signing key, carried as given. The
+    ``created`` audit entry is signed with ``signing_key``.
+
     Raises :class:`~bridge.errors.UnpackableStudy` when the files are not one
-    study with one Patient ID, and ``ValueError`` for a bad argument.
+    study with one Patient ID, and ``ValueError`` for a bad argument (a request
+    made for another receiver, an attestation of another key).
     """
     if dialect not in WRITABLE:
         raise ValueError(
@@ -192,6 +265,7 @@ def pack(
         recipient_public, X25519PublicKey
     ):
         raise ValueError("recipient_public: expected an X25519 public key or None")
+    _check_governance_inputs(sender, signing_key, receiver, request, attestation)
     env_id = (envelope_id or str(uuid.uuid4())).lower()
     now = utc_now()
     stamp, chosen = utc_text(now), DIALECTS[dialect]
@@ -229,6 +303,7 @@ def pack(
             "id": env_id,
             "timestamp": stamp,
             "sender": sender.as_json(),
+            **({"requester": copy.deepcopy(request.requester)} if request else {}),
             "receiver": [receiver.as_json()],
             "security": {
                 "classification": "confidential",
@@ -237,21 +312,27 @@ def pack(
             },
         }
         expires_at = utc_text(now + expires_in) if expires_in else None
-        fields = required_fields(recipient_public is not None)
-        manifest["sender"]["assertion"] = make_assertion(
-            manifest, signing_key, fields, expires_at
+        manifest["sender"]["assertion"] = _sender_assertion(
+            manifest,
+            signing_key,
+            recipient_public is not None,
+            expires_at,
+            key_reference,
+            attestation,
         )
+        if request is not None:
+            check_request_fits(manifest)
         manifest_bytes = dump_json(manifest)
-        audit = {
-            "audit": [
-                {
-                    "event": "created",
-                    "by": {"id": sender.id, "name": sender.name},
-                    "to": {"id": receiver.id, "name": receiver.name},
-                    "timestamp": stamp,
-                }
-            ]
-        }
+        audit = new_audit()
+        append_audit(
+            audit,
+            CREATED,
+            by=sender,
+            to=receiver,
+            key=signing_key,
+            envelope_id=env_id,
+            when=now,
+        )
         zout.write_bytes(prefix + "manifest.json", manifest_bytes)
         zout.write_bytes(prefix + "manifest.jws", make_jws(manifest_bytes, signing_key))
         zout.write_bytes(prefix + "audit.json", dump_json(audit))
