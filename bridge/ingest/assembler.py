@@ -12,13 +12,12 @@ operator instead of sealed.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 
-from bridge.errors import StoreError
 from bridge.ingest.routing import UNROUTED, RouteRule
 from bridge.store import NewJob, Store, Study
+from bridge.workers.periodic import Periodic
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +61,7 @@ class Assembler:
         self.routes = {r.name: r for r in routes}
         self.interval_seconds = interval_seconds
         self._clock = clock
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._timer = Periodic("assembler", interval_seconds, self.run_once)
 
     def run_once(self) -> int:
         """Seal or hold every study past its deadline; return how many were sealed.
@@ -102,23 +100,8 @@ class Assembler:
 
     def start(self) -> None:
         """Run :meth:`run_once` every ``interval_seconds`` on a daemon thread."""
-        self._stop.clear()
-        self._thread = threading.Thread(
-            target=self._loop, name="assembler", daemon=True
-        )
-        self._thread.start()
+        self._timer.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the timer thread and wait for a round in progress to finish."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except StoreError as exc:
-                logger.warning("assembler round failed error=%s", exc)
-            self._stop.wait(self.interval_seconds)
+        self._timer.stop(timeout)

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import logging
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 
 from bridge.spool import Spool
 from bridge.store import Store
+from bridge.workers.periodic import Periodic
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,9 @@ class Janitor:
         self.retention_seconds = retention_seconds
         self.interval_seconds = interval_seconds
         self.orphan_age_seconds = orphan_age_seconds
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._timer = Periodic(
+            "retention", interval_seconds, self.run_once, run_first=False
+        )
 
     def run_once(self, now: float | None = None) -> Purged:
         """Remove what is due; return the counts. Raises StoreError."""
@@ -118,21 +119,8 @@ class Janitor:
 
     def start(self) -> None:
         """Run a round every ``interval_seconds`` on a daemon thread."""
-        self._thread = threading.Thread(
-            target=self._loop, name="retention", daemon=True
-        )
-        self._thread.start()
+        self._timer.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the thread, letting a round in progress finish."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_seconds):
-            try:
-                self.run_once()
-            except Exception as exc:
-                logger.warning("retention round failed error=%s", type(exc).__name__)
+        self._timer.stop(timeout)
