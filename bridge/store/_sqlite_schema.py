@@ -74,6 +74,14 @@ CREATE TABLE IF NOT EXISTS seen_envelopes (
     sender TEXT NOT NULL,
     accepted_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS commitments (
+    transaction_uid TEXT PRIMARY KEY,
+    envelope_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    failed INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
     queue TEXT NOT NULL,

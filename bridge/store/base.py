@@ -285,6 +285,26 @@ class Store(abc.ABC):
     def is_seen(self, envelope_id: str) -> bool:
         """Return True when an envelope with this id was accepted before."""
 
+    @abc.abstractmethod
+    def record_commitment(
+        self,
+        transaction_uid: str,
+        envelope_id: str,
+        destination: str,
+        state: str,
+        failed: int = 0,
+    ) -> None:
+        """Record a storage commitment transaction of a received envelope.
+
+        Also shows it in the envelope's ``details["storage_commitment"]``, in
+        the same transaction. ``state`` is requested, committed, failed or
+        unsupported; ``failed`` counts the instances the PACS did not commit.
+        """
+
+    @abc.abstractmethod
+    def find_commitment(self, transaction_uid: str) -> tuple[str, str] | None:
+        """Return ``(envelope_id, destination)`` of a commitment transaction."""
+
     # -- jobs -----------------------------------------------------------------
 
     @abc.abstractmethod

@@ -9,6 +9,7 @@ collide, and ``busy_timeout`` lets a writer wait for another instead of failing.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import sqlite3
@@ -424,6 +425,52 @@ class SQLiteStore(SQLiteJobs, Store):
         return bool(
             self._read("SELECT 1 FROM seen_envelopes WHERE id = ?", (envelope_id,))
         )
+
+    # -- storage commitment ---------------------------------------------------------
+
+    def record_commitment(
+        self,
+        transaction_uid: str,
+        envelope_id: str,
+        destination: str,
+        state: str,
+        failed: int = 0,
+    ) -> None:
+        now = time.time()
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO commitments VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (transaction_uid) DO UPDATE SET state = excluded.state, "
+                "failed = excluded.failed, updated_at = excluded.updated_at",
+                (transaction_uid, envelope_id, destination, state, failed, now),
+            )
+            row = conn.execute(
+                "SELECT details FROM envelopes WHERE id = ? AND direction = 'in'",
+                (envelope_id,),
+            ).fetchone()
+            if row is None:
+                return
+            details = json.loads(row["details"])
+            shown = dict(details.get("storage_commitment", {}))
+            shown[destination] = {
+                "state": state,
+                "transaction_uid": transaction_uid,
+                "failed": failed,
+            }
+            details["storage_commitment"] = shown
+            conn.execute(
+                "UPDATE envelopes SET details = ?, updated_at = ? "
+                "WHERE id = ? AND direction = 'in'",
+                (dumps(details), now, envelope_id),
+            )
+
+    def find_commitment(self, transaction_uid: str) -> tuple[str, str] | None:
+        rows = self._read(
+            "SELECT envelope_id, destination FROM commitments "
+            "WHERE transaction_uid = ?",
+            (transaction_uid,),
+        )
+        return (rows[0]["envelope_id"], rows[0]["destination"]) if rows else None
 
     # -- retention ----------------------------------------------------------------
 
