@@ -12,7 +12,12 @@ import sys
 from bridge import __version__
 
 # Modules that contribute sub-commands, in the order --help lists them.
-_COMMAND_MODULES = ("bridge.cli.envelope", "bridge.cli.daemon", "bridge.cli.admin")
+_COMMAND_MODULES = (
+    "bridge.cli.envelope",
+    "bridge.cli.governance",
+    "bridge.cli.daemon",
+    "bridge.cli.admin",
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

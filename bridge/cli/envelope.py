@@ -1,5 +1,9 @@
 """The envelope verbs: keygen, pack, open, verify, inspect.
 
+Governance options (docs/governance.md): ``pack --request/--key-reference/
+--attestation`` and the requester, directory, key_reference and audit policies
+of ``open`` and ``verify``.
+
 Output rules: results go to stdout, one short line each; errors go to stderr
 as ``jmix-bridge: error: ...``; a progress bar is drawn on stderr only when it
 is a terminal. Patient data is never printed.
@@ -69,11 +73,11 @@ def _run(action) -> int:
         return _fail(f"{exc.filename or ''}: {exc.strerror}", EXIT_FAILURE)
 
 
-def _trust(values: list[str]) -> jmix.TrustStore:
+def _trust(values: list[str], key_reference: str | None = None) -> jmix.TrustStore:
     entries = []
     for value in values:
         sender_id, sep, path = value.rpartition("=")
-        entries.append((sender_id, path) if sep and sender_id else path)
+        entries.append((sender_id if sep and sender_id else None, path, key_reference))
     return jmix.TrustStore(entries)
 
 
@@ -83,6 +87,12 @@ def _policy(args) -> jmix.OpenPolicy:
         expiry=args.expired,
         expected_receiver_id=args.receiver,
         trust="signed",
+        requester=args.requester_policy,
+        requester_trust=_trust(args.requester_trust),
+        attestation=args.attestation_policy,
+        directory_trust=_trust(args.directory_key),
+        key_reference=args.key_reference_policy,
+        audit=args.audit_policy,
     )
 
 
@@ -91,7 +101,27 @@ def _keygen(args) -> int:
     print(f"created {info.path}")
     print(f"signing     {info.signing_fingerprint}")
     print(f"encryption  {info.encryption_fingerprint}")
+    block = jmix.keys.PublicKeys(
+        jmix.load_signing_public(info.path / jmix.keys.SIGNING_PUB),
+        jmix.load_encryption_public(info.path / jmix.keys.ENCRYPTION_PUB),
+        args.id,
+    ).block()
+    print("give this block to the other site (jmix-bridge trust add):")
+    print(block, end="")
+    if args.qr:
+        _print_qr(block)
     return EXIT_OK
+
+
+def _print_qr(text: str) -> None:
+    """Draw ``text`` as a QR code in the terminal (needs the ``qr`` extra)."""
+    try:
+        import segno
+    except ImportError:
+        raise ValueError(
+            "--qr: the segno package is not installed (pip install 'jmix-bridge[qr]')"
+        ) from None
+    segno.make(text, error="m").terminal(compact=True)
 
 
 def _entity(args, role: str, default_id: str) -> jmix.Entity:
@@ -109,6 +139,11 @@ def _pack(args) -> int:
         )
     keys = jmix.load_key_dir(args.key_dir)
     recipient = None if args.no_encrypt else jmix.load_encryption_public(args.recipient)
+    request = jmix.request.read_request(args.request) if args.request else None
+    attestation = None
+    if args.attestation:
+        with open(args.attestation, "rb") as fh:
+            attestation = jmix.load_json(fh.read(65536), args.attestation)
     sender_fp = keys.signing_fingerprint
     receiver_fp = jmix.fingerprint(recipient) if recipient else "unspecified"
     sender = _entity(args, "sender", f"key:{sender_fp}")
@@ -126,6 +161,9 @@ def _pack(args) -> int:
             expires_in=timedelta(hours=args.expires_in) if args.expires_in else None,
             fallback_patient_id=args.fallback_patient_id,
             progress=bar,
+            request=request,
+            key_reference=args.key_reference,
+            attestation=attestation,
         )
     finally:
         bar.close()
@@ -145,13 +183,16 @@ def _report(verb: str, opened: jmix.OpenedEnvelope, where: str = "") -> None:
         f"(signer {opened.signer_fingerprint}, dialect {opened.dialect}): "
         f"{len(opened.files)} files{where}"
     )
+    for element, record in opened.governance.items():
+        if record.get("status") != "absent":
+            print(f"{element}: {record['status']}")
     for note in opened.warnings:
         print(f"warning: {note}", file=sys.stderr)
 
 
 def _open(args, write: bool) -> int:
     keys = jmix.load_key_dir(args.key_dir)
-    trust = _trust(args.trust)
+    trust = _trust(args.trust, args.expect_key_reference)
     bar = _Bar("opening" if write else "verifying")
     try:
         if write:
@@ -226,6 +267,38 @@ def _reader_options(sub: argparse.ArgumentParser) -> None:
         default="reject",
         help="what to do when the sender assertion has expired (default: reject)",
     )
+    policies = ("required", "verified-if-present", "ignored")
+    sub.add_argument(
+        "--requester-trust",
+        metavar="[REQUESTER_ID=]PUB",
+        action="append",
+        default=[],
+        help="a requester's signing.pub; repeat for several",
+    )
+    sub.add_argument(
+        "--requester-policy", choices=policies, default="verified-if-present"
+    )
+    sub.add_argument(
+        "--directory-key",
+        metavar="[PROVIDER=]PUB",
+        action="append",
+        default=[],
+        help="a trusted directory's signing.pub; repeat for several",
+    )
+    sub.add_argument(
+        "--attestation-policy",
+        choices=policies,
+        help="default: verified-if-present with a --directory-key, else ignored",
+    )
+    sub.add_argument(
+        "--expect-key-reference",
+        metavar="REF",
+        help="the key_reference the --trust keys are known by",
+    )
+    sub.add_argument(
+        "--key-reference-policy", choices=policies, default="verified-if-present"
+    )
+    sub.add_argument("--audit-policy", choices=policies, default="verified-if-present")
 
 
 def register(subparsers) -> None:
@@ -242,6 +315,12 @@ def register(subparsers) -> None:
         "private (mode 0600).",
     )
     sub.add_argument("dir", metavar="DIR", help="folder to create (may exist if empty)")
+    sub.add_argument("--id", help="your entity id, written into the printed block")
+    sub.add_argument(
+        "--qr",
+        action="store_true",
+        help="also draw the block as a QR code (needs the qr extra: segno)",
+    )
     sub.set_defaults(handler=lambda a: _run(lambda: _keygen(a)))
 
     sub = subparsers.add_parser(
@@ -306,6 +385,22 @@ def register(subparsers) -> None:
         type=float,
         metavar="HOURS",
         help="the sender assertion expires this many hours from now",
+    )
+    sub.add_argument(
+        "--request",
+        metavar="FILE",
+        help="a signed request file (jmix-bridge request); its requester is "
+        "carried untouched",
+    )
+    sub.add_argument(
+        "--key-reference",
+        metavar="REF",
+        help="the reference your signing key is known by, written and signed",
+    )
+    sub.add_argument(
+        "--attestation",
+        metavar="FILE",
+        help="a directory_attestation of your signing key (jmix-bridge attest)",
     )
     sub.add_argument(
         "--fallback-patient-id",

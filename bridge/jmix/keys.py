@@ -10,6 +10,7 @@ A key is named by its fingerprint, ``SHA256:`` followed by the lower-case hex
 SHA-256 of the 32 raw public key bytes.
 """
 
+import base64
 import hashlib
 import os
 import stat
@@ -199,3 +200,101 @@ def load_key_dir(path: str | os.PathLike) -> KeyDir:
         load_signing_key(folder / SIGNING_KEY),
         load_encryption_key(folder / ENCRYPTION_KEY),
     )
+
+
+# -- out-of-band exchange --------------------------------------------------------
+
+_BLOCK_BEGIN = "-----BEGIN JMIX-BRIDGE PUBLIC KEYS-----"
+_BLOCK_END = "-----END JMIX-BRIDGE PUBLIC KEYS-----"
+
+
+@dataclass(frozen=True)
+class PublicKeys:
+    """A site's public keys as exchanged out of band (docs/governance.md 3)."""
+
+    signing: Ed25519PublicKey
+    encryption: X25519PublicKey | None = None
+    node_id: str | None = None
+
+    def block(self) -> str:
+        """Return the text block ``keygen`` prints and ``trust add`` reads.
+
+        One line per key: its kind, the raw public key in base64 and its
+        fingerprint, so that the receiving operator can read the fingerprint
+        back over the telephone before pinning it.
+        """
+        lines = [_BLOCK_BEGIN]
+        if self.node_id:
+            lines.append(f"id: {self.node_id}")
+        for label, key in (("signing", self.signing), ("encryption", self.encryption)):
+            if key is not None:
+                kind = "ed25519" if label == "signing" else "x25519"
+                raw = base64.b64encode(raw_public(key)).decode("ascii")
+                lines.append(f"{label}: {kind} {raw} {fingerprint(key)}")
+        lines.append(_BLOCK_END)
+        return "\n".join(lines) + "\n"
+
+
+def read_public_keys(text: str) -> PublicKeys:
+    """Parse a public key block; refuse a key whose fingerprint does not match.
+
+    Raises KeyFileError naming the line that is wrong.
+    """
+    try:
+        start = text.index(_BLOCK_BEGIN) + len(_BLOCK_BEGIN)
+        body = text[start : text.index(_BLOCK_END, start)]
+    except ValueError:
+        raise KeyFileError("no JMIX-BRIDGE PUBLIC KEYS block found") from None
+    found: dict[str, object] = {}
+    for number, line in enumerate(body.strip().splitlines(), 1):
+        label, _, value = line.strip().partition(": ")
+        if label == "id" and value:
+            found["id"] = value.strip()
+            continue
+        parts = value.split()
+        wanted = {"signing": "ed25519", "encryption": "x25519"}.get(label)
+        if wanted is None or len(parts) != 3 or parts[0] != wanted:
+            raise KeyFileError(
+                f"public key block line {number}: expected "
+                f"'signing: ed25519 <base64> <fingerprint>' or "
+                f"'encryption: x25519 <base64> <fingerprint>', got {line.strip()!r:.80}"
+            )
+        kind = Ed25519PublicKey if label == "signing" else X25519PublicKey
+        try:
+            key = kind.from_public_bytes(base64.b64decode(parts[1], validate=True))
+            stated = normalise_fingerprint(parts[2])
+        except ValueError as exc:
+            raise KeyFileError(f"public key block line {number}: {exc}") from None
+        if stated != fingerprint(key):
+            raise KeyFileError(
+                f"public key block line {number}: the fingerprint {parts[2]} does "
+                f"not match the key (its fingerprint is {fingerprint(key)})"
+            )
+        found[label] = key
+    if "signing" not in found:
+        raise KeyFileError("public key block: no 'signing:' line")
+    return PublicKeys(found["signing"], found.get("encryption"), found.get("id"))
+
+
+def public_pem(key: PublicKey) -> bytes:
+    """Return a public key as PEM SubjectPublicKeyInfo (a ``.pub`` file)."""
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def write_public_keys(keys: PublicKeys, folder: str | os.PathLike) -> list[Path]:
+    """Write ``signing.pub`` (and ``encryption.pub``) into ``folder``; never overwrite.
+
+    Returns the files written. Raises KeyFileError when one exists already.
+    """
+    target = Path(folder)
+    target.mkdir(mode=0o755, parents=True, exist_ok=True)
+    pairs = [(target / SIGNING_PUB, keys.signing)]
+    if keys.encryption is not None:
+        pairs.append((target / ENCRYPTION_PUB, keys.encryption))
+    if clash := [p.name for p, _ in pairs if p.exists()]:
+        raise KeyFileError(f"{target}: already holds {', '.join(clash)}; not replaced")
+    for path, key in pairs:
+        _write(path, public_pem(key), 0o644)
+    return [p for p, _ in pairs]

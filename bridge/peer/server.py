@@ -1,11 +1,13 @@
 """The receiving side of the exchange API (``JMIX.md`` section 5), on aiohttp.
 
 ``POST /api/jmix`` takes an envelope zip from an authenticated peer;
-``GET /api/jmix/{id}``, ``GET /api/jmix/{id}/manifest`` and
-``GET /api/jmix?studyInstanceUid=`` serve envelopes this node holds for the
-asking peer. Every request is authenticated before any byte of its body is
-read: by a bearer token, a TLS client certificate pinned by the SHA-256 of its
-DER, or both, as each sender's settings demand. The headers alone decide 401,
+``GET /api/jmix/{id}``, ``GET /api/jmix/{id}/manifest``,
+``GET /api/jmix/{id}/audit`` (this node's copy of the audit trail, with the
+entries it added; docs/governance.md) and ``GET /api/jmix?studyInstanceUid=``
+serve envelopes this node holds for the asking peer. Every request is
+authenticated before any byte of its body is read: by a bearer token, a TLS
+client certificate pinned by the SHA-256 of its DER, or both, as each sender's
+settings demand. The headers alone decide 401,
 403, 411, 413 and 415; a client sending ``Expect: 100-continue`` gets the refusal
 instead of the go-ahead.
 
@@ -39,6 +41,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from bridge import jmix
 from bridge.errors import EnvelopeError, MalformedEnvelope, SpoolError
+from bridge.jmix.audit import current_audit
 from bridge.peer.intake import Intake
 from bridge.peer.settings import InboundSender, ServerSettings
 from bridge.spool import validate_envelope_id
@@ -330,6 +333,22 @@ async def get_manifest(request: web.Request) -> web.StreamResponse:
     return web.json_response(manifest)
 
 
+async def get_audit(request: web.Request) -> web.StreamResponse:
+    """``GET /api/jmix/{id}/audit``: this node's copy of the envelope's audit."""
+    try:
+        sender = _authenticate(request)
+    except Refused as exc:
+        return _refusal(exc)
+    if not _accepts(request, "application/json"):
+        raise web.HTTPNotAcceptable()
+    path = await asyncio.to_thread(_held_envelope, request, sender)
+    try:
+        audit = await asyncio.to_thread(current_audit, path)
+    except EnvelopeError:
+        raise web.HTTPNotFound() from None
+    return web.json_response(audit if audit is not None else {"audit": []})
+
+
 async def list_envelopes(request: web.Request) -> web.StreamResponse:
     """``GET /api/jmix?studyInstanceUid=``: the asking peer's envelopes of a study."""
     try:
@@ -374,6 +393,7 @@ def create_app(
     app.router.add_get(API, list_envelopes)
     app.router.add_get(API + "/{id}", get_envelope)
     app.router.add_get(API + "/{id}/manifest", get_manifest)
+    app.router.add_get(API + "/{id}/audit", get_audit)
     return app
 
 

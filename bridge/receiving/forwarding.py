@@ -6,7 +6,9 @@ their reasons, and how many were delivered, so that a retry sends only what
 remains. When every instance that can be delivered is, the instances refused
 for good stay behind in the job, which goes to dead-letter with the reasons:
 an operator sees them and can send them again. Storage commitment results are
-recorded in the envelope's details.
+recorded in the envelope's details. With a node identity and signing key, a
+signed ``forwarded`` entry (destination and instance count) is appended to this
+node's copy of the envelope's audit when a destination has every instance.
 """
 
 from __future__ import annotations
@@ -14,8 +16,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from bridge.dicom.forwarder import Destination, ForwardResult, forward
 from bridge.dicom.forwarder import Outcome as InstanceOutcome
+from bridge.errors import EnvelopeError, SpoolError
+from bridge.jmix import Entity
+from bridge.jmix.audit import FORWARDED, append_audit, forwarded_to, update_stored_audit
 from bridge.spool import Spool, validate_envelope_id
 from bridge.store import Job, NewJob, Store
 from bridge.workers.base import JobContext, Outcome
@@ -35,7 +42,11 @@ class Forwarder:
         destinations: dict[str, Destination],
         on_result: ResultHook | None = None,
         receipts: bool = True,
+        node: Entity | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
     ):
+        self.node = node
+        self.signing_key = signing_key
         self.store = store
         self.spool = spool
         self.destinations = destinations
@@ -96,6 +107,7 @@ class Forwarder:
             dest.name,
             delivered,
         )
+        self._audit(env_id, dest.name, delivered)
         jobs = []
         if self.receipts and job.payload.get("sender"):
             jobs.append(
@@ -106,6 +118,32 @@ class Forwarder:
                 )
             )
         return Outcome.done(payload=payload, jobs=jobs)
+
+    def _audit(self, env_id: str, destination: str, delivered: int) -> None:
+        """Append a signed ``forwarded`` entry to this node's copy of the audit."""
+        env = self.store.get_envelope(env_id, "in")
+        if self.node is None or self.signing_key is None or env is None:
+            return
+        try:
+            update_stored_audit(
+                self.spool.path_of(env.path),
+                lambda doc: append_audit(
+                    doc,
+                    FORWARDED,
+                    by=self.node,
+                    to=forwarded_to(destination, delivered),
+                    key=self.signing_key,
+                    envelope_id=env_id,
+                ),
+            )
+        except (OSError, EnvelopeError, SpoolError) as exc:
+            # The audit is a record, not a gate: the delivery stands.
+            logger.warning(
+                "audit not updated envelope=%s dest=%s error=%s",
+                env_id,
+                destination,
+                type(exc).__name__,
+            )
 
     def _record_commitment(self, env_id: str, dest: str, result: ForwardResult) -> None:
         env = self.store.get_envelope(env_id, "in")

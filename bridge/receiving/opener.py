@@ -7,6 +7,12 @@ sender it came from (pinned signer, binding fields, GCM tag, every file against
 the id as seen, in the same transaction as the forward jobs it creates, one per
 destination. An envelope that fails is moved to quarantine with the reason and
 never forwarded; nothing is deleted.
+
+The governance checks (docs/governance.md) run under each sender's
+``OpenPolicy``; their records go into the envelope's details. With a node
+identity and signing key, the opener appends signed ``received`` and
+``verified`` entries to this node's copy of the envelope's audit, kept beside
+the received zip.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from bridge.errors import (
@@ -29,7 +36,8 @@ from bridge.errors import (
     SpoolError,
     UnknownSigner,
 )
-from bridge.jmix import OpenPolicy, TrustStore, open_envelope
+from bridge.jmix import Entity, OpenPolicy, TrustStore, open_envelope
+from bridge.jmix.audit import RECEIVED, VERIFIED, append_audit, update_stored_audit
 from bridge.spool import Spool, fsync_rename, validate_envelope_id
 from bridge.store import Job, NewJob, Store
 from bridge.workers.base import JobContext, Outcome
@@ -58,6 +66,7 @@ def classify(exc: EnvelopeError) -> str:
     if isinstance(exc, ExpiredAssertion):
         return "expired"
     if isinstance(exc, AuthenticationFailed):
+        # Requester, attestation and audit signatures count as bad signatures.
         stage = getattr(exc, "stage", "")
         return "decrypt_failed" if stage == "payload" else "bad_signature"
     if isinstance(exc, IntegrityError):
@@ -67,6 +76,19 @@ def classify(exc: EnvelopeError) -> str:
     if isinstance(exc, MalformedEnvelope):
         return "malformed"
     return "policy_violation"
+
+
+def describe(exc: EnvelopeError) -> str:
+    """Return the quarantine reason: the error, and which signature failed.
+
+    An authentication failure says only that it failed; for the governance
+    elements its ``stage`` (requester, attestation, audit) tells the operator
+    which signature it was.
+    """
+    stage = getattr(exc, "stage", None)
+    if isinstance(exc, AuthenticationFailed) and stage not in ("signature", "payload"):
+        return f"{type(exc).__name__} ({stage}): {exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class Opener:
@@ -80,8 +102,12 @@ class Opener:
         senders: dict[str, SenderTrust],
         destinations: list[str],
         on_outcome: OutcomeHook | None = None,
+        node: Entity | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
     ):
         self.store = store
+        self.node = node
+        self.signing_key = signing_key
         self.spool = spool
         self.encryption_key = encryption_key
         self.senders = senders
@@ -126,16 +152,16 @@ class Opener:
                     policy=sender.policy,
                 )
             except EnvelopeError as exc:
-                return self._quarantine(
-                    env, src, classify(exc), f"{type(exc).__name__}: {exc}"
-                )
+                return self._quarantine(env, src, classify(exc), describe(exc))
             files = opened.dicom_files
             details = {
                 "signer": opened.signer_fingerprint,
                 "dialect": opened.dialect,
                 "warnings": opened.warnings,
                 "instances": len(files),
+                "governance": opened.governance,
             }
+            self._audit(env_id, src, env.peer)
             ctx.renew()
 
         rel = [str(Path(f).relative_to(dest)) for f in files]
@@ -165,6 +191,28 @@ class Opener:
         return Outcome.done(
             jobs=jobs, envelope_state=(env_id, "in", OPENED), seen=(env_id, env.peer)
         )
+
+    def _audit(self, env_id: str, src: Path, sender: str) -> None:
+        """Append ``received`` and ``verified`` to this node's copy of the audit."""
+        if self.node is None or self.signing_key is None:
+            return
+
+        def add(doc: dict) -> None:
+            for event in (RECEIVED, VERIFIED):
+                append_audit(
+                    doc, event, by=self.node, key=self.signing_key, envelope_id=env_id
+                )
+
+        try:
+            update_stored_audit(src, add)
+        except (OSError, EnvelopeError) as exc:
+            # The audit is a record, not a gate: the envelope is still accepted.
+            logger.warning(
+                "audit not updated envelope=%s sender=%s error=%s",
+                env_id,
+                sender,
+                type(exc).__name__,
+            )
 
     def _quarantine(self, env, src: Path, outcome: str, reason: str) -> Outcome:
         env_id = env.id
