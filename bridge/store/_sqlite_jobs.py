@@ -7,8 +7,8 @@ same transaction as its completion.
 
 import time
 
-from bridge.store._sqlite_rows import filters
-from bridge.store._sqlite_rows import job as _job
+from bridge.store._rows import filters
+from bridge.store._rows import job as _job
 from bridge.store.base import Envelope, Job, JobCount, JobState, NewJob, dumps
 
 

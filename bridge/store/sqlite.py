@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import sqlite3
 import threading
 import time
@@ -20,7 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bridge.errors import StoreError
-from bridge.store import _sqlite_rows as _rows
+from bridge.store import _rows
+from bridge.store._rules import (
+    DELIVERED,
+    judge_instance,
+    new_study_ref,
+    with_commitment,
+)
 from bridge.store._sqlite_jobs import SQLiteJobs
 from bridge.store._sqlite_schema import MIGRATIONS, SCHEMA, SCHEMA_VERSION, migrate
 from bridge.store.base import (
@@ -37,15 +42,6 @@ from bridge.store.base import (
 )
 
 logger = logging.getLogger(__name__)
-
-# Outgoing envelope states that mean the peer has it: delivered, and arrived at
-# the peer's PACS (a signed receipt came back).
-_DELIVERED = ("delivered", "arrived")
-
-
-def new_study_ref() -> str:
-    """Return a fresh opaque study reference (never derived from a UID)."""
-    return "st-" + secrets.token_hex(6)
 
 
 class SQLiteStore(SQLiteJobs, Store):
@@ -140,30 +136,21 @@ class SQLiteStore(SQLiteJobs, Store):
                 (inst.study_instance_uid, route, inst.sop_instance_uid),
             ).fetchone()
             study = self._open_study_for(conn, inst, route, now)
-            if known is not None and known["digest"] == inst.digest:
+            outcome = judge_instance(known, inst.digest, duplicates)
+            if outcome == InstanceOutcome.DUPLICATE:
                 return AddResult(
-                    InstanceOutcome.DUPLICATE,
-                    study or self._study_row(conn, known["study_ref"]),
+                    outcome, study or self._study_row(conn, known["study_ref"])
                 )
+            if outcome == InstanceOutcome.CONFLICT:
+                return AddResult(outcome, self._study_row(conn, known["study_ref"]))
             previous = None
-            outcome = InstanceOutcome.STORED
-            if known is not None and known["study_state"] == StudyState.OPEN:
-                if duplicates == DuplicatePolicy.REJECT:
-                    return AddResult(
-                        InstanceOutcome.CONFLICT,
-                        self._study_row(conn, known["study_ref"]),
-                    )
+            if outcome == InstanceOutcome.REPLACED:
                 previous = _rows.instance(known)
-                outcome = InstanceOutcome.REPLACED
                 conn.execute("DELETE FROM instances WHERE id = ?", (known["id"],))
                 conn.execute(
                     "UPDATE studies SET instance_count = instance_count - 1, "
                     "size_bytes = size_bytes - ? WHERE ref = ?",
                     (known["size_bytes"], known["study_ref"]),
-                )
-            elif known is not None and duplicates == DuplicatePolicy.REJECT:
-                return AddResult(
-                    InstanceOutcome.CONFLICT, self._study_row(conn, known["study_ref"])
                 )
             if study is None:
                 study = self._create_study(
@@ -450,14 +437,9 @@ class SQLiteStore(SQLiteJobs, Store):
             ).fetchone()
             if row is None:
                 return
-            details = json.loads(row["details"])
-            shown = dict(details.get("storage_commitment", {}))
-            shown[destination] = {
-                "state": state,
-                "transaction_uid": transaction_uid,
-                "failed": failed,
-            }
-            details["storage_commitment"] = shown
+            details = with_commitment(
+                json.loads(row["details"]), transaction_uid, destination, state, failed
+            )
             conn.execute(
                 "UPDATE envelopes SET details = ?, updated_at = ? "
                 "WHERE id = ? AND direction = 'in'",
@@ -486,7 +468,7 @@ class SQLiteStore(SQLiteJobs, Store):
             "  AND substr(j.key, 1, length(s.ref) + 6) = 'seal:' || s.ref || ':' "
             "  AND j.state != 'done') "
             "ORDER BY s.sealed_at LIMIT ?",
-            (StudyState.SEALED.value, before, *_DELIVERED, limit),
+            (StudyState.SEALED.value, before, *DELIVERED, limit),
         )
         return [_rows.study(r) for r in rows]
 
@@ -516,7 +498,7 @@ class SQLiteStore(SQLiteJobs, Store):
             "    AND substr(j.key, 1, length(e.id) + 9) = 'forward:' || e.id || ':' "
             "    AND j.state != 'done'))) "
             "ORDER BY e.updated_at LIMIT ?",
-            (before, *_DELIVERED, limit),
+            (before, *DELIVERED, limit),
         )
         return [_rows.envelope(r) for r in rows]
 

@@ -1,21 +1,33 @@
-"""Rows of the SQLite store turned into the store's records, and WHERE clauses."""
+"""Rows of the SQL stores turned into the store's records, and WHERE clauses.
+
+Both stores keep the same tables and columns (``_sqlite_schema``,
+``_pg_schema``), payloads and details as JSON text, and read rows by column
+name (``sqlite3.Row``, psycopg's ``dict_row``), so one mapping serves both.
+"""
 
 import json
-import sqlite3
+from collections.abc import Mapping
+from typing import Any
 
 from bridge.store.base import Envelope, Instance, Job, JobState, Study, StudyState
 
+Row = Mapping[str, Any]
 
-def filters(**columns) -> tuple[str, tuple]:
-    """Build a WHERE clause from the given columns whose value is not None."""
+
+def filters(mark: str = "?", **columns) -> tuple[str, tuple]:
+    """Build a WHERE clause from the given columns whose value is not None.
+
+    ``mark`` is the driver's parameter placeholder: ``?`` for sqlite3, ``%s``
+    for psycopg.
+    """
     given = [(name, value) for name, value in columns.items() if value is not None]
     if not given:
         return "", ()
-    where = " AND ".join(f"{name} = ?" for name, _ in given)
+    where = " AND ".join(f"{name} = {mark}" for name, _ in given)
     return f"WHERE {where}", tuple(value for _, value in given)
 
 
-def study(row: sqlite3.Row) -> Study:
+def study(row: Row) -> Study:
     return Study(
         ref=row["ref"],
         study_instance_uid=row["study_uid"],
@@ -34,7 +46,7 @@ def study(row: sqlite3.Row) -> Study:
     )
 
 
-def instance(row: sqlite3.Row) -> Instance:
+def instance(row: Row) -> Instance:
     return Instance(
         sop_instance_uid=row["sop_uid"],
         study_instance_uid=row["study_uid"],
@@ -52,7 +64,7 @@ def instance(row: sqlite3.Row) -> Instance:
     )
 
 
-def envelope(row: sqlite3.Row) -> Envelope:
+def envelope(row: Row) -> Envelope:
     return Envelope(
         id=row["id"],
         direction=row["direction"],
@@ -70,7 +82,7 @@ def envelope(row: sqlite3.Row) -> Envelope:
     )
 
 
-def job(row: sqlite3.Row) -> Job:
+def job(row: Row) -> Job:
     return Job(
         id=row["id"],
         queue=row["queue"],
