@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from bridge.errors import UnpackableStudy
+from bridge.faults import test_only_crash_point
 from bridge.jmix import Entity, pack
 from bridge.peer.deliver import deliver_job
 from bridge.spool import Spool
@@ -98,6 +99,7 @@ class Sealer:
                     recipient_public=peer.recipient_public,
                     dialect=peer.dialect,
                     envelope_id=env_id,
+                    progress=_test_only_mid_pack,
                 )
             except UnpackableStudy as exc:
                 self.store.hold_study(ref, f"cannot be packed: {exc}")
@@ -135,3 +137,9 @@ class Sealer:
             size,
         )
         return Outcome.done(envelope=envelope, jobs=[deliver_job(env_id, peer_name)])
+
+
+def _test_only_mid_pack(done: int, total: int) -> None:
+    """Reach the ``seal.mid-pack`` crash point once half the payload is packed."""
+    if done * 2 >= total:
+        test_only_crash_point("seal.mid-pack")

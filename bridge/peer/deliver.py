@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterable
 
 from bridge.errors import SpoolError
+from bridge.faults import test_only_crash_point
 from bridge.peer.client import PeerClient
 from bridge.peer.dropfolder import drop_envelope
 from bridge.peer.settings import PeerSettings
@@ -81,6 +82,7 @@ class Deliverer:
         if not path.is_file():
             return Outcome.dead(f"envelope {envelope_id}: file missing from the spool")
 
+        test_only_crash_point("deliver.before-send")
         if peer.transport == "drop":
             drop_envelope(path, peer.drop_folder, envelope_id)
             how = "drop"

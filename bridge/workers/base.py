@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.errors import PermanentTransportError, RetryableTransportError
+from bridge.faults import test_only_crash_point
 from bridge.store.base import Envelope, Job, NewJob, Store
 from bridge.workers.policy import BreakerBoard, RetryPolicy
 
@@ -197,7 +198,12 @@ class Worker:
         )
         started = time.monotonic()
         try:
+            test_only_crash_point(f"{self.spec.queue}.before-handler")
             outcome = self._run_handler(job, ctx)
+            # The handler's effect is out (the peer said 201, the PACS stored
+            # the instances) but the job is not yet marked: the crash tests
+            # stop here to prove the repeat that follows is harmless.
+            test_only_crash_point(f"{self.spec.queue}.after-handler")
             self._record(job, owner, outcome, breaker)
         finally:
             with self._lock:
