@@ -98,15 +98,15 @@ def _policy(args) -> jmix.OpenPolicy:
 
 def _keygen(args) -> int:
     info = jmix.generate_key_dir(args.dir)
+    # The block names each key with its fingerprint once: it is both the
+    # summary for this operator and what the other site imports.
     print(f"created {info.path}")
-    print(f"signing     {info.signing_fingerprint}")
-    print(f"encryption  {info.encryption_fingerprint}")
     block = jmix.keys.PublicKeys(
         jmix.load_signing_public(info.path / jmix.keys.SIGNING_PUB),
         jmix.load_encryption_public(info.path / jmix.keys.ENCRYPTION_PUB),
         args.id,
     ).block()
-    print("give this block to the other site (jmix-bridge trust add):")
+    print("public keys (give this block to the other site: jmix-bridge trust add):")
     print(block, end="")
     if args.qr:
         _print_qr(block)

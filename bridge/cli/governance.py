@@ -9,6 +9,7 @@ deployments; ``request`` signs a request file a sender passes to ``pack``.
 
 import argparse
 import json
+import ssl
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -84,7 +85,7 @@ def _trust_fetch(args) -> int:
         args.directory,
         directory_trust=jmix.TrustStore([(None, path) for path in args.directory_key]),
         pinned=args.pinned,
-        verify=args.ca or True,
+        verify=ssl.create_default_context(cafile=args.ca) if args.ca else True,
     )
     try:
         found = resolver.resolve(args.reference)
