@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from bridge.errors import (
     AuthenticationFailed,
     EnvelopeError,
+    MalformedEnvelope,
     PolicyViolation,
     SchemaViolation,
     UnknownSigner,
@@ -354,4 +356,53 @@ def update_stored_audit(
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+    return doc
+
+
+def stamp_sent(
+    zip_path: str | os.PathLike,
+    *,
+    by: EntityRef,
+    to: EntityRef,
+    key: Ed25519PrivateKey,
+    when: datetime | None = None,
+) -> dict:
+    """Give an envelope zip a signed ``sent`` entry before it goes to a peer.
+
+    The zip's ``audit.json`` must be its last entry (``pack`` writes it last):
+    only that entry and the central directory are rewritten, in place, so a
+    multi-gigabyte ciphertext is never copied. A ``sent`` entry left at the end
+    by an earlier attempt that failed is replaced rather than repeated. Returns
+    the new audit document. Raises MalformedEnvelope when the zip does not end
+    with its audit.
+    """
+    path = Path(zip_path)
+    with zipfile.ZipFile(path) as zf:
+        last = zf.infolist()[-1] if zf.infolist() else None
+        if last is None or not last.filename.endswith("audit.json"):
+            raise MalformedEnvelope(f"{path}: audit.json is not the last zip entry")
+        prefix = last.filename.removesuffix("audit.json")
+        manifest = load_json(zf.read(prefix + "manifest.json"), "manifest.json")
+        doc = load_json(zf.read(last), "audit.json")
+    AUDIT.check(doc, "audit.json")
+    entries = doc["audit"]
+    if entries and entries[-1].get("event") == SENT:
+        entries.pop()
+    append_audit(
+        doc, SENT, by=by, to=to, key=key, envelope_id=manifest["id"], when=when
+    )
+
+    with zipfile.ZipFile(path, "a") as zf:
+        # Drop the old trailing entry from the central directory and write the
+        # new one where it began; closing writes the directory and truncates.
+        old = zf.getinfo(last.filename)
+        zf.filelist.remove(old)
+        del zf.NameToInfo[old.filename]
+        zf.start_dir = old.header_offset
+        zf.fp.seek(old.header_offset)
+        info = zipfile.ZipInfo(old.filename, date_time=old.date_time)
+        info.external_attr = old.external_attr
+        zf.writestr(info, dump_json(doc), compress_type=zipfile.ZIP_STORED)
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
     return doc
