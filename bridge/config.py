@@ -620,6 +620,9 @@ def cross_check(config: Config, *, check_files: bool = True) -> list[str]:
                 f"number of seconds, got {dest.dimse_timeout}"
             )
     for where, tls in (("dicom.tls", config.dicom.tls), ("http.tls", config.http.tls)):
+        if tls is not None and tls.cert is None:
+            # A server section without its certificate would serve in the clear.
+            problems.append(f"{where}.cert: a server needs its certificate and key")
         if tls is not None and tls.require_client_cert and tls.ca is None:
             problems.append(
                 f"{where}.require_client_cert: needs {where}.ca, the "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from bridge.config import (
     PeerSettings,
     RetrySettings,
     SenderSettings,
+    TLSFiles,
 )
 from bridge.dicom.forwarder import Destination, TLSSettings
 from bridge.dicom.listener import (
@@ -60,6 +62,7 @@ from bridge.receiving.opener import Opener, SenderTrust
 from bridge.receiving.receipts import ReceiptSender, add_receipt_route
 from bridge.spool import Spool
 from bridge.store import DuplicatePolicy, Store, open_store
+from bridge.tls import server_context
 from bridge.workers.base import Worker, WorkerSpec
 from bridge.workers.policy import BreakerBoard, BreakerPolicy, RetryPolicy
 
@@ -106,6 +109,19 @@ def destination(settings: DestinationSettings) -> Destination:
         tls=tls,
         dimse_timeout=settings.dimse_timeout,
         storage_commitment=settings.storage_commitment,
+    )
+
+
+def listener_tls(settings: TLSFiles | None) -> ssl.SSLContext | None:
+    """Map ``dicom.tls`` onto the listener's server context (None: plain DICOM).
+
+    Raises OSError or ssl.SSLError when a file cannot be loaded; check-config
+    has looked at each file before.
+    """
+    if settings is None or settings.cert is None:
+        return None
+    return server_context(
+        settings.cert, settings.key, settings.ca, settings.require_client_cert
     )
 
 
@@ -412,6 +428,8 @@ class Bridge:
             max_associations=dicom.max_associations,
             min_free_bytes=cfg.spool.min_free_bytes,
             min_free_ratio=cfg.spool.min_free_ratio,
+            max_pdu=dicom.max_pdu,
+            tls=listener_tls(dicom.tls),
         )
         parts.assembler = Assembler(
             parts.store, routes, on_sealed=parts.metrics.study_sealed

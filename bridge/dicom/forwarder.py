@@ -49,6 +49,7 @@ from bridge.dicom.outcomes import (
     classify_status,
 )
 from bridge.errors import PermanentTransportError, RetryableTransportError
+from bridge.tls import log_handshake_failures
 
 __all__ = [
     "Commitment",
@@ -133,7 +134,7 @@ def ssl_context(tls: TLSSettings) -> ssl.SSLContext:
             f"keyfile={tls.keyfile}: {exc}"
         ) from exc
     ctx.check_hostname = tls.check_hostname
-    return ctx
+    return log_handshake_failures(ctx, "forward")
 
 
 @dataclass

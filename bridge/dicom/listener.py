@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+import ssl
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -32,8 +33,10 @@ from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.sop_class import Verification
 
 from bridge.errors import BridgeError
+from bridge.faults import test_only_crash_point
 from bridge.ingest import Ingest, Receipt, Rejection
 from bridge.store import InstanceOutcome
+from bridge.tls import log_handshake_failures
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +102,11 @@ class ListenerSettings:
 
     An empty ``allowed_callers`` lets every calling AE title in. New
     associations are refused while free space on the spool's filesystem is
-    below ``min_free_bytes`` or ``min_free_ratio`` (0.0-1.0).
+    below ``min_free_bytes`` or ``min_free_ratio`` (0.0-1.0). ``max_pdu`` is
+    the largest P-DATA-TF PDU we accept (PS3.8 9.3.1), 0 for unlimited.
+    ``tls`` (see :func:`bridge.tls.server_context`) makes every association
+    TLS-only (PS3.15 B.9); a failed handshake is logged, and bounded by
+    ``tls_handshake_timeout``.
     """
 
     ae_title: str = "JMIXBRIDGE"
@@ -113,6 +120,9 @@ class ListenerSettings:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    max_pdu: int = 0
+    tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+    tls_handshake_timeout: float = 10.0
 
 
 @dataclass
@@ -223,7 +233,8 @@ class Listener:
             logger.warning("listener accepts any calling AE title")
 
         ae = AE(ae_title=self.settings.ae_title)
-        ae.maximum_pdu_size = 0  # unlimited: fastest receive (FIELD-NOTES)
+        # 0 is unlimited and the fastest receive (FIELD-NOTES), the default.
+        ae.maximum_pdu_size = self.settings.max_pdu
         ae.maximum_associations = self.settings.max_associations
         ae.acse_timeout = self.settings.acse_timeout
         ae.dimse_timeout = self.settings.dimse_timeout
@@ -236,14 +247,24 @@ class Listener:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
+        tls = self.settings.tls
+        if tls is not None:
+            # pynetdicom's server wraps each accepted socket (handshake
+            # included) on its accept thread and drops a failure silently;
+            # this bounds the handshake and logs why it failed (README L-30).
+            log_handshake_failures(tls, "dicom", self.settings.tls_handshake_timeout)
         self._server = ae.start_server(
             (self.settings.host, self.settings.port),
             block=False,
             evt_handlers=handlers,
+            ssl_context=tls,
         )
         self._ae = ae
         logger.info(
-            "listener started ae_title=%s port=%d", self.settings.ae_title, self.port
+            "listener started ae_title=%s port=%d tls=%s",
+            self.settings.ae_title,
+            self.port,
+            "on" if tls is not None else "off",
         )
 
     def stop(self) -> None:
@@ -387,6 +408,9 @@ class Listener:
             status, reason, detail = OUT_OF_RESOURCES, "error", _describe(exc)
 
         self.stats.instance(status, receipt, reason, calling.strip())
+        # Recorded (or refused) but not yet answered: the modality never sees
+        # this acknowledgement and must send the instance again.
+        test_only_crash_point("listener.before-ack")
         if status == SUCCESS:
             logger.info(
                 "instance %s study=%s bytes=%d",
