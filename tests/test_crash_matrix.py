@@ -1,0 +1,275 @@
+"""The crash matrix: SIGKILL a bridge at each stage of a study's way, restart it,
+and check the end state (``docs/reliability.md``).
+
+Two real bridge processes, site A (listener, sealer, deliverer) and site B
+(inbound API, opener, forwarder), built from YAML by :class:`Sites`; dcmtk's
+storescu is the modality and dcmtk's storescp the PACS, writing every C-STORE
+it receives to a file of its own (``+uf``), so a second store of an instance is
+seen and counted. Stages that cannot be hit from outside at the right moment
+use the test-only crash points of :mod:`bridge.faults`; the others are SIGKILLs
+from the test while it watches the work in progress.
+
+Every scenario ends with the same check: every instance acknowledged to the
+modality is at the PACS, byte for byte, and the number of repeated stores is
+the one the stage explains.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.errors import InvalidDicomError
+
+from tests.support.compare import dataset_bytes
+from tests.support.dcmtk import StoreSCP, storescu
+from tests.support.net import wait_until
+from tests.support.sites import LinkProxy, Sites, expire_leases, kill_9, wait_dead
+from tests.support.studies import make_study
+
+SETTLE_SECONDS = 90
+
+
+class Pacs(StoreSCP):
+    """storescp writing each C-STORE it receives to a new file (``+uf``)."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder, ae_title="PACS", extra=("+uf",))
+
+    def received(self) -> dict[str, list[Path]]:
+        """Return the files received per SOP Instance UID.
+
+        A file cut short by an aborted association (the bridge was killed while
+        sending it) is listed under "" rather than read.
+        """
+        found: dict[str, list[Path]] = {}
+        for path in self.files():
+            try:
+                uid = _sop_uid(path)
+            except (InvalidDicomError, EOFError, OSError, ValueError):
+                uid = ""
+            found.setdefault(uid, []).append(path)
+        return found
+
+
+@pytest.fixture
+def pacs(tmp_path):
+    scp = Pacs(tmp_path / "pacs")
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture
+def sites(tmp_path, pacs):
+    both = Sites(tmp_path / "sites", (pacs.ae_title, pacs.port))
+    yield both
+    both.stop()
+
+
+def study_of(folder: Path, instances: int, side: int = 8) -> dict[str, Path]:
+    """Write a study of ``instances`` CT images of ``side`` x ``side`` pixels."""
+    files = make_study(folder, series=1, per_series=instances)
+    if side != 8:
+        rng = np.random.default_rng(7)
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.Rows = ds.Columns = side
+            ds.PixelData = rng.integers(0, 4096, (side, side), "<u2").tobytes()
+            ds.save_as(path)
+    return {_sop_uid(path): path for path in files}
+
+
+def _sop_uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def send(sites: Sites, study: dict[str, Path]):
+    """Send the study to site A as a modality would; return storescu's result."""
+    return storescu(sites.a_dicom, list(study.values()))
+
+
+def settled(sites: Sites) -> bool:
+    """True once both sites have no open study and no job ready or leased."""
+    for site in ("a", "b"):
+        with sqlite3.connect(sites.db(site), timeout=10) as conn:
+            open_jobs = conn.execute(
+                "SELECT count(*) FROM jobs WHERE state IN ('ready', 'leased')"
+            ).fetchone()[0]
+            forwarded = conn.execute(
+                "SELECT count(*) FROM jobs WHERE queue = 'forward' AND state = 'done'"
+            ).fetchone()[0]
+            # A study still open waits for its quiet period (a follow-up, L-03).
+            open_studies = conn.execute(
+                "SELECT count(*) FROM studies WHERE state = 'open'"
+            ).fetchone()[0]
+        if open_jobs or open_studies or (site == "b" and not forwarded):
+            return False
+    return True
+
+
+def end_state(sites: Sites, pacs: Pacs, study: dict[str, Path]) -> int:
+    """Check every instance reached the PACS byte-identical; return the repeats."""
+    wait_until(lambda: settled(sites), SETTLE_SECONDS, "both sites to settle")
+    received = pacs.received()
+    received.pop("", None)  # the PACS's own debris of an aborted association
+    assert set(received) == set(study), "instances missing at the PACS"
+    for uid, copies in received.items():
+        for copy in copies:
+            assert dataset_bytes(copy) == dataset_bytes(study[uid])
+    return sum(len(copies) - 1 for copies in received.values())
+
+
+def dead_jobs(sites: Sites) -> int:
+    """Count the jobs either site parked in dead-letter."""
+    total = 0
+    for site in ("a", "b"):
+        with sqlite3.connect(sites.db(site), timeout=10) as conn:
+            total += conn.execute(
+                "SELECT count(*) FROM jobs WHERE state = 'dead'"
+            ).fetchone()[0]
+    return total
+
+
+def restart(sites: Sites, site: str, daemon) -> None:
+    """Restart ``site`` after its death, its dead leases run out."""
+    expire_leases(sites.db(site))
+    sites.start_a() if site == "a" else sites.start_b()
+
+
+def debris(sites: Sites, site: str) -> list[str]:
+    """Names of temporary files or folders a crash left in ``site``'s spool."""
+    spool = sites.spool(site)
+    return sorted(
+        p.name
+        for folder in ("outbox", "inbox", "opened", "incoming", "tmp")
+        if (spool / folder).exists()
+        for p in (spool / folder).iterdir()
+        if p.name.startswith(".") or folder in ("incoming", "tmp")
+    )
+
+
+# -- the stages -------------------------------------------------------------------
+
+
+def test_mid_association_crash_loses_nothing_acknowledged(sites, pacs, tmp_path):
+    study = study_of(tmp_path / "study", 30)
+    sites.start_b()
+    # The 10th instance is recorded but the process dies before its answer.
+    a = sites.start_a(crash_at="listener.before-ack:10")
+
+    first = send(sites, study)
+
+    assert first.returncode != 0
+    assert wait_dead(a) == -9
+    sites.start_a()
+    assert send(sites, study).returncode == 0
+    assert end_state(sites, pacs, study) == 0
+    assert dead_jobs(sites) == 0
+
+
+# Crash points of bridge.faults: (site, point, repeated stores expected at the
+# PACS, a temporary name the crash leaves in the spool).
+CRASH_POINTS = {
+    "after-ack-before-seal": ("a", "seal.before-handler", 0, ""),
+    "mid-pack": ("a", "seal.mid-pack", 0, ".tmp"),
+    "after-pack-before-mark": ("a", "seal.after-handler", 0, ""),
+    "before-upload": ("a", "deliver.before-send", 0, ""),
+    "after-201-before-mark": ("a", "deliver.after-handler", 0, ""),
+    "before-open": ("b", "open.before-handler", 0, ""),
+    "after-open-before-mark": ("b", "open.after-handler", 0, ""),
+    "before-forward": ("b", "forward.before-handler", 0, ""),
+    # Unavoidable without asking the PACS: every instance is stored twice.
+    "after-pacs-success-before-mark": ("b", "forward.after-handler", 20, ""),
+}
+
+
+@pytest.mark.parametrize("stage", CRASH_POINTS)
+def test_crash_point_then_restart_delivers_every_instance(stage, sites, pacs, tmp_path):
+    site, point, repeats, left_behind = CRASH_POINTS[stage]
+    study = study_of(tmp_path / "study", 20, side=256 if left_behind else 8)
+    b = sites.start_b(crash_at=point if site == "b" else "")
+    a = sites.start_a(crash_at=point if site == "a" else "")
+    dying = a if site == "a" else b
+
+    assert send(sites, study).returncode == 0
+
+    assert wait_dead(dying) == -9
+    left = debris(sites, site)
+    restart(sites, site, dying)
+    assert end_state(sites, pacs, study) == repeats
+    assert dead_jobs(sites) == 0
+    if left_behind:
+        assert any(name.endswith(left_behind) for name in left), left
+    if point == "deliver.after-handler":
+        # The repeat is answered 409 by B, which holds the envelope already.
+        assert "result=duplicate" in sites.a.log_text()
+    print(f"matrix stage={stage} repeats={repeats} debris={left}")
+
+
+def test_crash_mid_upload_delivers_after_restart(tmp_path, pacs):
+    sites = Sites(tmp_path / "sites", (pacs.ae_title, pacs.port))
+    proxy = LinkProxy(sites.b_http)
+    sites.peer_port = proxy.port
+    # About 5 MB through a link of 1 MB/s: the kill lands mid-body.
+    proxy.upload_rate = 1_000_000
+    study = study_of(tmp_path / "study", 40, side=256)
+    try:
+        sites.start_b()
+        a = sites.start_a()
+        assert send(sites, study).returncode == 0
+        wait_until(lambda: proxy.bytes_up > 1_500_000, 60, "the upload to start")
+
+        kill_9(a)
+
+        proxy.upload_rate = 0
+        restart(sites, "a", a)
+        assert end_state(sites, pacs, study) == 0
+        assert dead_jobs(sites) == 0
+        assert debris(sites, "b") == []
+    finally:
+        sites.stop()
+        proxy.close()
+
+
+def test_crash_mid_open_opens_again_after_restart(sites, pacs, tmp_path):
+    study = study_of(tmp_path / "study", 60, side=512)
+    b = sites.start_b()
+    sites.start_a()
+    opened = sites.spool("b") / "opened"
+
+    assert send(sites, study).returncode == 0
+    wait_until(
+        lambda: (
+            opened.exists() and any(p.suffix == ".partial" for p in opened.iterdir())
+        ),
+        60,
+        "an envelope being opened",
+    )
+    kill_9(b)
+
+    left = debris(sites, "b")
+    restart(sites, "b", b)
+    assert end_state(sites, pacs, study) == 0
+    assert dead_jobs(sites) == 0
+    assert any(name.endswith(".partial") for name in left), left
+
+
+def test_crash_mid_forward_resends_what_the_job_had_not_recorded(sites, pacs, tmp_path):
+    study = study_of(tmp_path / "study", 300)
+    b = sites.start_b()
+    sites.start_a()
+
+    assert send(sites, study).returncode == 0
+    wait_until(lambda: len(pacs.files()) >= 20, 60, "the forward to start")
+    kill_9(b)
+    before = len(pacs.received().keys() - {""})
+
+    restart(sites, "b", b)
+    repeats = end_state(sites, pacs, study)
+    # The forward job records its progress only when it ends: what reached the
+    # PACS before the kill is stored again (README L-32).
+    assert 0 < before < len(study)
+    assert before <= repeats <= before + 10
