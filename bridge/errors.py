@@ -78,9 +78,11 @@ class AuthenticationFailed(VerificationFailed):
     """A signature or the GCM tag did not verify.
 
     The message never says which byte or field was wrong. ``stage`` says only
-    whether a signature (``"signature"``) or the payload's decryption
-    (``"payload"``) failed, for the receiver's metrics; both are checks anyone
-    holding the envelope can run, so it tells an attacker nothing new.
+    which check failed, for the receiver's metrics and quarantine reasons: the
+    sender's signature (``"signature"``), the payload's decryption
+    (``"payload"``), or a governance signature (``"requester"``,
+    ``"attestation"``, ``"audit"``); each is a check anyone holding the
+    envelope can run, so it tells an attacker nothing new.
     """
 
     def __init__(
