@@ -122,9 +122,19 @@ class PostgresServer:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+# The one server of this test run. Each test module that uses the fixture gets
+# its own copy of it from pytest, so the copies share the server through here;
+# every copy stops it at the end of the session (the second finds it stopped).
+_running: list[PostgresServer] = []
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    """A PostgreSQL server for the whole test run; skips when it cannot run."""
+    """A PostgreSQL server for the whole test run; skips when it cannot run.
+
+    Import it into a test module (``from tests.support.postgres import
+    postgres_server``) to use it there.
+    """
     pytest.importorskip(
         "psycopg", reason="psycopg is not installed (pip install -e '.[postgres]')"
     )
@@ -136,6 +146,8 @@ def postgres_server() -> Iterator[PostgresServer]:
             pytest.skip(f"running as root and there is no {_SERVER_USER!r} user")
         if shutil.which("runuser") is None:
             pytest.skip("running as root without runuser to start PostgreSQL")
-    server = PostgresServer(bin_folder)
-    yield server
-    server.stop()
+    if not _running:
+        _running.append(PostgresServer(bin_folder))
+    yield _running[0]
+    if _running:
+        _running.pop().stop()
