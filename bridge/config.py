@@ -19,6 +19,7 @@ import os
 import re
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -674,11 +675,19 @@ def _check_ranges(where: str, settings, problems: list[str]) -> None:
 
 
 def _check_store_url(url: str, problems: list[str]) -> None:
-    if not url.startswith("sqlite:///") and "://" in url:
-        scheme = url.split("://", 1)[0]
+    if url.startswith("sqlite:///") or "://" not in url:
+        return
+    scheme = url.split("://", 1)[0]
+    if scheme not in ("postgresql", "postgres"):
         problems.append(
             f"store.url: scheme {scheme!r} is not supported, expected "
-            "sqlite:///PATH (README L-01)"
+            "sqlite:///PATH or postgresql://HOST/DBNAME"
+        )
+    elif urllib.parse.urlsplit(url).password or "password=" in url:
+        # Like every secret of the bridge, kept out of the file (docs/postgres.md).
+        problems.append(
+            "store.url: a password in the url is refused; give it in "
+            "PGPASSWORD or a passfile"
         )
 
 

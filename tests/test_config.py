@@ -141,11 +141,26 @@ def test_two_names_sharing_one_token_variable_are_refused(tmp_path):
 
 
 def test_unsupported_store_scheme_is_refused_at_check_time(tmp_path):
-    path = _write(tmp_path, "store: {url: 'postgresql://db/bridge'}\n")
+    path = _write(tmp_path, "store: {url: 'mysql://db/bridge'}\n")
     assert any(
-        p.startswith("store.url: scheme 'postgresql' is not supported")
+        p.startswith("store.url: scheme 'mysql' is not supported")
         for p in _problems(path)
     )
+
+
+def test_postgresql_store_url_is_accepted(tmp_path):
+    path = _write(tmp_path, "store: {url: 'postgresql://bridge@db:5432/bridge'}\n")
+    config = load_config(path, check_files=False)
+    assert config.store_url == "postgresql://bridge@db:5432/bridge"
+
+
+def test_password_in_the_store_url_is_refused(tmp_path):
+    path = _write(tmp_path, "store: {url: 'postgres://bridge:s3cret@db/bridge'}\n")
+    problems = [p for p in _problems(path) if p.startswith("store.url")]
+    assert problems == [
+        "store.url: a password in the url is refused; give it in "
+        "PGPASSWORD or a passfile"
+    ]
 
 
 def test_relative_sqlite_path_is_taken_from_the_file_folder(tmp_path):
