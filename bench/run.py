@@ -46,6 +46,7 @@ from bench.studies import Study, make_ct_study, make_large_study, make_multifram
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PDU_128K = 131072
+BIG_QUIET = 10.0  # seconds; the multi-GB study must go as one envelope
 _MB = 1e6
 
 # -- sizes ------------------------------------------------------------------------
@@ -312,6 +313,8 @@ def _chain_round(
         cpu = {"a": a.cpu_seconds() - cpu_a, "b": b.cpu_seconds() - cpu_b}
         peak = {"a": a.peak_rss_mib(), "b": b.peak_rss_mib()}
         records = _chain_records(a, b)
+        # pynetdicom 3.0.4's stalled C-STORE (FIELD-NOTES) costs a DIMSE timeout.
+        stalls = b.daemon.log_text().count("association lost")
     finally:
         a.stop()
         b.stop()
@@ -331,6 +334,7 @@ def _chain_round(
         "peak_rss_mib": peak,
         "studies": list(records.values()),
         "envelopes": len(records),
+        "forward_stalls": stalls,
     }
 
 
@@ -396,6 +400,7 @@ def phase_e2e(
         "stage_seconds": stage_med,
         "stage_mb_per_s": {k: _rate(nbytes, v) for k, v in stage_med.items() if v},
         "seal_ship_open_share": _median(shares),
+        "forward_stalls": [c["forward_stalls"] for c in chains],
         "cpu_seconds_per_gb": _median([c["cpu_seconds_per_gb"] for c in chains]),
         "cpu_seconds": {
             k: _median([c["cpu_seconds"][k] for c in chains]) for k in ("a", "b")
@@ -506,6 +511,7 @@ def machine() -> dict:
         "cpu_model": cpu,
         "memory_bytes": mem,
         "kernel": platform.release(),
+        "loadavg_at_start": os.getloadavg(),
         "versions": versions,
     }
 
@@ -665,9 +671,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         if big_bytes:
             big = make_large_study(work / "big", big_bytes)
-            results["memory"]["big"] = phase_e2e(work, [big], 1, args.quiet, "big")
+            # One envelope is the point of this phase: 52 MB instances arrive
+            # seconds apart, so a short quiet period would split the study.
+            results["memory"]["big"] = phase_e2e(
+                work, [big], 1, max(args.quiet, BIG_QUIET), "big"
+            )
             shutil.rmtree(big.folder, ignore_errors=True)
         results["seconds"] = time.time() - started
+        results["machine"]["loadavg_at_end"] = os.getloadavg()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
