@@ -2,20 +2,24 @@
 
 Several bridge processes claim from one table: ``claim`` picks its row with
 ``FOR UPDATE SKIP LOCKED``, so a worker never waits on a job another worker is
-taking and no job is leased twice. The rest mirrors ``_sqlite_jobs``; it relies
-on the store's ``_write``/``_read`` transactions and envelope helpers.
+taking and no job is leased twice. The rest mirrors ``_sqlite_jobs``, and
+ending a leased job is shared with it (``_jobs``); it relies on the store's
+``_write``/``_read`` transactions.
 """
 
 import time
 
+from bridge.store._jobs import JobEndings
 from bridge.store._pg_connections import retried
 from bridge.store._rows import filters
 from bridge.store._rows import job as _job
-from bridge.store.base import Envelope, Job, JobCount, JobState, NewJob, dumps
+from bridge.store.base import Job, JobCount, JobState, NewJob, dumps
 
 
-class PostgresJobs:
+class PostgresJobs(JobEndings):
     """Enqueue, claim under a lease, complete, retry, dead-letter and list jobs."""
+
+    _mark = "%s"
 
     # -- enqueue and claim --------------------------------------------------
 
@@ -94,103 +98,11 @@ class PostgresJobs:
             )
             return cur.rowcount == 1
 
-    def _finish(
-        self,
-        conn,
-        job_id: int,
-        owner: str,
-        state: JobState,
-        *,
-        error: str | None = None,
-        not_before: float | None = None,
-        payload: dict | None = None,
-        count_attempt: bool = False,
-    ) -> bool:
-        sets = ["state = %s", "lease_owner = ''", "lease_until = 0", "updated_at = %s"]
-        args: list = [state.value, time.time()]
-        if count_attempt:
-            sets.append("attempts = attempts + 1")
-        if error is not None:
-            sets.append("last_error = %s")
-            args.append(error[:2000])
-        if not_before is not None:
-            sets.append("not_before = %s")
-            args.append(not_before)
-        if payload is not None:
-            sets.append("payload = %s")
-            args.append(dumps(payload))
-        cur = conn.execute(
-            f"UPDATE jobs SET {', '.join(sets)} "  # noqa: S608 (fixed columns)
-            "WHERE id = %s AND state = 'leased' AND lease_owner = %s",
-            (*args, job_id, owner),
-        )
-        return cur.rowcount == 1
-
-    @retried
-    def complete(
-        self,
-        job_id: int,
-        owner: str,
-        *,
-        jobs: list[NewJob] = (),
-        envelope: Envelope | None = None,
-        envelope_state: tuple[str, str, str] | None = None,
-        payload: dict | None = None,
-        seen: tuple[str, str] | None = None,
-    ) -> bool:
-        with self._write() as conn:
-            if not self._finish(conn, job_id, owner, JobState.DONE, payload=payload):
-                return False
-            if seen is not None:
-                self._mark_seen(conn, *seen)
-            if envelope is not None:
-                self._put_envelope(conn, envelope)
-            if envelope_state is not None:
-                self._set_envelope_state(conn, *envelope_state)
-            for job in jobs:
-                self._enqueue(conn, job)
-            return True
-
-    @retried
-    def retry_later(
-        self,
-        job_id: int,
-        owner: str,
-        error: str,
-        not_before: float,
-        payload: dict | None = None,
-    ) -> bool:
-        with self._write() as conn:
-            return self._finish(
-                conn,
-                job_id,
-                owner,
-                JobState.READY,
-                error=error,
-                not_before=not_before,
-                payload=payload,
-                count_attempt=True,
-            )
-
-    @retried
-    def dead_letter(
-        self, job_id: int, owner: str, error: str, payload: dict | None = None
-    ) -> bool:
-        with self._write() as conn:
-            return self._finish(
-                conn,
-                job_id,
-                owner,
-                JobState.DEAD,
-                error=error,
-                payload=payload,
-                count_attempt=True,
-            )
-
-    @retried
-    def release(self, job_id: int, owner: str) -> bool:
-        with self._write() as conn:
-            return self._finish(conn, job_id, owner, JobState.READY)
+    # Ending a job is shared with SQLite; here each runs again on a deadlock.
+    complete = retried(JobEndings.complete)
+    retry_later = retried(JobEndings.retry_later)
+    dead_letter = retried(JobEndings.dead_letter)
+    release = retried(JobEndings.release)
 
     @retried
     def requeue(self, job_id: int) -> bool:

@@ -1,18 +1,19 @@
 """The job queue of the SQLite store, as a mixin of :class:`SQLiteStore`.
 
-It relies on the store's ``_write``/``_read`` transactions and on its
-envelope helpers for :meth:`complete`, which records a job's results in the
-same transaction as its completion.
+It relies on the store's ``_write``/``_read`` transactions. Ending a leased
+job (complete, retry, dead-letter, release) is shared with the PostgreSQL
+store, in ``_jobs``.
 """
 
 import time
 
+from bridge.store._jobs import JobEndings
 from bridge.store._rows import filters
 from bridge.store._rows import job as _job
-from bridge.store.base import Envelope, Job, JobCount, JobState, NewJob, dumps
+from bridge.store.base import Job, JobCount, JobState, NewJob, dumps
 
 
-class SQLiteJobs:
+class SQLiteJobs(JobEndings):
     """Enqueue, claim under a lease, complete, retry, dead-letter and list jobs."""
 
     # -- enqueue and claim --------------------------------------------------
@@ -83,100 +84,6 @@ class SQLiteJobs:
                 (now + lease_seconds, now, job_id, owner),
             )
             return cur.rowcount == 1
-
-    def _finish(
-        self,
-        conn,
-        job_id: int,
-        owner: str,
-        state: JobState,
-        *,
-        error: str | None = None,
-        not_before: float | None = None,
-        payload: dict | None = None,
-        count_attempt: bool = False,
-    ) -> bool:
-        sets = ["state = ?", "lease_owner = ''", "lease_until = 0", "updated_at = ?"]
-        args: list = [state.value, time.time()]
-        if count_attempt:
-            sets.append("attempts = attempts + 1")
-        if error is not None:
-            sets.append("last_error = ?")
-            args.append(error[:2000])
-        if not_before is not None:
-            sets.append("not_before = ?")
-            args.append(not_before)
-        if payload is not None:
-            sets.append("payload = ?")
-            args.append(dumps(payload))
-        cur = conn.execute(
-            f"UPDATE jobs SET {', '.join(sets)} "  # noqa: S608 (fixed columns)
-            "WHERE id = ? AND state = 'leased' AND lease_owner = ?",
-            (*args, job_id, owner),
-        )
-        return cur.rowcount == 1
-
-    def complete(
-        self,
-        job_id: int,
-        owner: str,
-        *,
-        jobs: list[NewJob] = (),
-        envelope: Envelope | None = None,
-        envelope_state: tuple[str, str, str] | None = None,
-        payload: dict | None = None,
-        seen: tuple[str, str] | None = None,
-    ) -> bool:
-        with self._write() as conn:
-            if not self._finish(conn, job_id, owner, JobState.DONE, payload=payload):
-                return False
-            if seen is not None:
-                self._mark_seen(conn, *seen)
-            if envelope is not None:
-                self._put_envelope(conn, envelope)
-            if envelope_state is not None:
-                self._set_envelope_state(conn, *envelope_state)
-            for job in jobs:
-                self._enqueue(conn, job)
-            return True
-
-    def retry_later(
-        self,
-        job_id: int,
-        owner: str,
-        error: str,
-        not_before: float,
-        payload: dict | None = None,
-    ) -> bool:
-        with self._write() as conn:
-            return self._finish(
-                conn,
-                job_id,
-                owner,
-                JobState.READY,
-                error=error,
-                not_before=not_before,
-                payload=payload,
-                count_attempt=True,
-            )
-
-    def dead_letter(
-        self, job_id: int, owner: str, error: str, payload: dict | None = None
-    ) -> bool:
-        with self._write() as conn:
-            return self._finish(
-                conn,
-                job_id,
-                owner,
-                JobState.DEAD,
-                error=error,
-                payload=payload,
-                count_attempt=True,
-            )
-
-    def release(self, job_id: int, owner: str) -> bool:
-        with self._write() as conn:
-            return self._finish(conn, job_id, owner, JobState.READY)
 
     def requeue(self, job_id: int) -> bool:
         now = time.time()
