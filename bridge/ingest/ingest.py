@@ -8,10 +8,12 @@ instance costs one read for the hash and a few kilobytes for the header.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -19,6 +21,9 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset
+from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from bridge.ingest.assembler import seal_jobs
 from bridge.ingest.routing import UNROUTED, Router, RouteRule, Unrouted
@@ -43,6 +48,78 @@ _REQUIRED_UIDS = (
     "SOPClassUID",
 )
 _ALWAYS_READ = (*_REQUIRED_UIDS, "Modality", "PatientID")
+
+# A deflated data set (PS3.5 A.5) is inflated whole, in memory, by pydicom and
+# by everything downstream that reads it; one that inflates beyond this is
+# refused as not understood, so a small deflate bomb cannot reach them.
+DEFLATED_LIMIT = 256 << 20
+# Of the inflated bytes, the header (everything before Pixel Data) is parsed
+# from at most this many; a header larger than that is not understood either.
+_DEFLATED_HEADER = 16 << 20
+_CHUNK = 1 << 20
+
+
+class _Oversize(Exception):
+    """A deflated data set inflates beyond DEFLATED_LIMIT."""
+
+
+def read_header(path: Path, tags: list[str]) -> Dataset:
+    """Read the header attributes ``tags`` of a Part 10 file, never the pixel data.
+
+    A deflated data set is inflated as a stream, keeping only its first
+    ``_DEFLATED_HEADER`` bytes, and refused (``_Oversize``) if it inflates to
+    more than ``DEFLATED_LIMIT`` bytes. Raises whatever pydicom raises on a file
+    it cannot parse.
+    """
+    with open(path, "rb") as fh:
+        # PS3.10 7.1: a 128-byte preamble, "DICM", then the group 0002 meta.
+        fh.seek(128)
+        if fh.read(4) != b"DICM":
+            return _converted(dcmread(fh, stop_before_pixels=True, specific_tags=tags))
+        meta = _read_file_meta_info(fh)
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            fh.seek(0)
+            return _converted(dcmread(fh, stop_before_pixels=True, specific_tags=tags))
+        head = _inflate_head(fh)
+    ds = read_dataset(
+        io.BytesIO(head),
+        is_implicit_VR=False,
+        is_little_endian=True,
+        stop_when=_at_pixel_data,
+        # As dcmread does: keywords become tags, and the character set is read.
+        specific_tags=[Tag(t) for t in (*tags, "SpecificCharacterSet")],
+    )
+    ds.file_meta = meta
+    return _converted(ds)
+
+
+def _converted(ds: Dataset) -> Dataset:
+    """Convert every element read now: pydicom converts values lazily, on first
+    access, and a value that does not fit its VR would otherwise raise later,
+    far from the ``try`` that turns it into a refusal."""
+    for _ in ds:
+        pass
+    return ds
+
+
+def _inflate_head(fh) -> bytes:
+    """Inflate the raw deflate stream after the meta; return its first bytes."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    head = bytearray()
+    total = 0
+    while chunk := fh.read(_CHUNK):
+        while chunk:
+            # max_length bounds each step's output, so a bomb never sits in memory.
+            out = inflater.decompress(chunk, _CHUNK)
+            chunk = inflater.unconsumed_tail
+            total += len(out)
+            if total > DEFLATED_LIMIT:
+                raise _Oversize
+            if len(head) < _DEFLATED_HEADER:
+                head += out[: _DEFLATED_HEADER - len(head)]
+            if inflater.eof:
+                return bytes(head)
+    return bytes(head)
 
 
 class Rejection(StrEnum):
@@ -136,8 +213,11 @@ class Ingest:
         StoreError when that could not be done; refusals are returned.
         """
         try:
-            ds = dcmread(
-                path, stop_before_pixels=True, specific_tags=self._tags, force=False
+            ds = read_header(path, self._tags)
+        except _Oversize:
+            return Receipt(
+                rejection=Rejection.UNREADABLE,
+                detail=f"deflated data set inflates beyond {DEFLATED_LIMIT} bytes",
             )
         except Exception as exc:  # pydicom raises many types on bad input
             return Receipt(rejection=Rejection.UNREADABLE, detail=type(exc).__name__)
@@ -239,11 +319,7 @@ class Ingest:
                 continue
             seen_series.add(inst.series_instance_uid)
             try:
-                ds = dcmread(
-                    self.spool.path_of(inst.spool_path),
-                    stop_before_pixels=True,
-                    specific_tags=self._tags,
-                )
+                ds = read_header(self.spool.path_of(inst.spool_path), self._tags)
             except Exception:  # a spooled file was readable when it arrived
                 logger.warning("spooled instance unreadable study=%s", ref)
                 continue
