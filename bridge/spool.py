@@ -76,6 +76,16 @@ class Spool:
         try:
             for name in ("incoming", "instances", "tmp", *_ENVELOPE_FOLDERS):
                 (self.root / name).mkdir(parents=True, exist_ok=True)
+            # The 256 fan-out folders exist from the start, so that no instance
+            # pays for a mkdir and an extra folder fsync on its way to the ack.
+            instances = self.root / "instances"
+            missing = [
+                f"{i:02x}" for i in range(256) if not (instances / f"{i:02x}").is_dir()
+            ]
+            for name in missing:
+                (instances / name).mkdir(exist_ok=True)
+            if missing:
+                _fsync_dir(instances)
         except OSError as exc:
             raise SpoolError(
                 f"spool {self.root}: cannot create its folders: {exc}"
@@ -102,6 +112,10 @@ class Spool:
             rel = f"instances/{digest[:2]}/{digest}.dcm"
             dest = self.root / rel
             if dest.exists() and dest.stat().st_size == size:
+                # The same bytes are spooled already; the received copy is spare.
+                with contextlib.suppress(OSError):
+                    if src.parent == self.incoming:
+                        src.unlink()
                 return SpooledFile(rel, digest, size)
             folder_is_new = not dest.parent.exists()
             dest.parent.mkdir(exist_ok=True)
