@@ -417,11 +417,18 @@ def server_ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
     return ctx
 
 
+HEADER_SECONDS = 15.0
+"""How long a client has to send a request's headers, and an idle connection lives."""
+
+
 class PeerServer:
     """Runs an application on its own event loop in a background thread.
 
     On :meth:`stop`, requests in flight get ``shutdown_seconds`` to finish; an
-    upload cut off then stores nothing, and its sender tries again.
+    upload cut off then stores nothing, and its sender tries again. A connection
+    that has not sent complete request headers ``header_seconds`` after it opened
+    (or after its previous answer) is closed: a slow-loris client cannot hold a
+    connection by trickling header bytes.
     """
 
     def __init__(
@@ -429,11 +436,13 @@ class PeerServer:
         app: web.Application,
         settings: ServerSettings,
         shutdown_seconds: float = 5.0,
+        header_seconds: float = HEADER_SECONDS,
     ):
         self.app = app
         self.settings = settings
         self.port = settings.port
         self.shutdown_seconds = shutdown_seconds
+        self.header_seconds = header_seconds
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -478,6 +487,12 @@ class PeerServer:
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self.shutdown_seconds,
+            # aiohttp has no header-read timeout of its own. Its keep-alive timer
+            # (armed when a connection opens and after each answer) closes a
+            # connection still waiting for a complete request, which is one;
+            # once the headers are in, the request is no longer waiting and the
+            # timer leaves a long upload alone.
+            keepalive_timeout=self.header_seconds,
         )
         await self._runner.setup()
         site = web.TCPSite(
