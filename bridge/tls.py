@@ -61,7 +61,7 @@ def log_handshake_failures(
 ) -> ssl.SSLContext:
     """Make sockets wrapped by ``ctx`` log one line when their handshake fails.
 
-    ``service`` names the endpoint in the line (``dicom``, ``forward``).
+    ``service`` names the endpoint in the line (``dicom``, ``forward``, ``http``).
     ``timeout`` (seconds) bounds a handshake on a socket that has no timeout of
     its own, such as one pynetdicom's server has just accepted. Returns ``ctx``,
     changed in place (its ``sslsocket_class``); the error is still raised.
@@ -70,6 +70,12 @@ def log_handshake_failures(
         "HandshakeLoggingSocket",
         (_HandshakeLoggingSocket,),
         {"_service": service, "_handshake_timeout": timeout},
+    )
+    # asyncio (and so aiohttp) drives TLS through memory BIOs, not sockets; it
+    # logs a failed handshake only in debug mode. The object cannot see the
+    # peer's address, so that line says peer_host=unknown.
+    ctx.sslobject_class = type(
+        "HandshakeLoggingObject", (_HandshakeLoggingObject,), {"_service": service}
     )
     return ctx
 
@@ -85,18 +91,35 @@ class _HandshakeLoggingSocket(ssl.SSLSocket):
         try:
             super().do_handshake(block)
         except OSError as exc:  # ssl.SSLError is an OSError
-            logger.warning(
-                "tls handshake failed service=%s side=%s peer_host=%s reason=%s",
-                self._service,
-                "server" if self.server_side else "client",
-                _peer_host(self),
-                handshake_reason(exc),
-            )
+            _log_failure(self._service, self.server_side, _peer_host(self), exc)
             raise
         finally:
             if previous is None and self._handshake_timeout is not None:
                 with contextlib.suppress(OSError):
                     self.settimeout(None)
+
+
+class _HandshakeLoggingObject(ssl.SSLObject):
+    _service = "tls"
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise  # the handshake goes on when more bytes arrive
+        except ssl.SSLError as exc:
+            _log_failure(self._service, self.server_side, "unknown", exc)
+            raise
+
+
+def _log_failure(service: str, server_side: bool, peer: str, exc: BaseException):
+    logger.warning(
+        "tls handshake failed service=%s side=%s peer_host=%s reason=%s",
+        service,
+        "server" if server_side else "client",
+        peer,
+        handshake_reason(exc),
+    )
 
 
 def _peer_host(sock: ssl.SSLSocket) -> str:

@@ -16,43 +16,22 @@ the one the stage explains.
 
 from __future__ import annotations
 
-import sqlite3
-from pathlib import Path
-
-import numpy as np
-import pydicom
 import pytest
-from pydicom.errors import InvalidDicomError
 
-from tests.support.compare import dataset_bytes
-from tests.support.dcmtk import StoreSCP, storescu
 from tests.support.net import wait_until
-from tests.support.sites import LinkProxy, Sites, expire_leases, kill_9, wait_dead
-from tests.support.studies import make_study
-
-SETTLE_SECONDS = 90
-
-
-class Pacs(StoreSCP):
-    """storescp writing each C-STORE it receives to a new file (``+uf``)."""
-
-    def __init__(self, folder: Path):
-        super().__init__(folder, ae_title="PACS", extra=("+uf",))
-
-    def received(self) -> dict[str, list[Path]]:
-        """Return the files received per SOP Instance UID.
-
-        A file cut short by an aborted association (the bridge was killed while
-        sending it) is listed under "" rather than read.
-        """
-        found: dict[str, list[Path]] = {}
-        for path in self.files():
-            try:
-                uid = _sop_uid(path)
-            except (InvalidDicomError, EOFError, OSError, ValueError):
-                uid = ""
-            found.setdefault(uid, []).append(path)
-        return found
+from tests.support.sites import (
+    LinkProxy,
+    Pacs,
+    Sites,
+    dead_jobs,
+    debris,
+    end_state,
+    kill_9,
+    restart,
+    send,
+    study_of,
+    wait_dead,
+)
 
 
 @pytest.fixture
@@ -67,88 +46,6 @@ def sites(tmp_path, pacs):
     both = Sites(tmp_path / "sites", (pacs.ae_title, pacs.port))
     yield both
     both.stop()
-
-
-def study_of(folder: Path, instances: int, side: int = 8) -> dict[str, Path]:
-    """Write a study of ``instances`` CT images of ``side`` x ``side`` pixels."""
-    files = make_study(folder, series=1, per_series=instances)
-    if side != 8:
-        rng = np.random.default_rng(7)
-        for path in files:
-            ds = pydicom.dcmread(path)
-            ds.Rows = ds.Columns = side
-            ds.PixelData = rng.integers(0, 4096, (side, side), "<u2").tobytes()
-            ds.save_as(path)
-    return {_sop_uid(path): path for path in files}
-
-
-def _sop_uid(path: Path) -> str:
-    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-
-
-def send(sites: Sites, study: dict[str, Path]):
-    """Send the study to site A as a modality would; return storescu's result."""
-    return storescu(sites.a_dicom, list(study.values()))
-
-
-def settled(sites: Sites) -> bool:
-    """True once both sites have no open study and no job ready or leased."""
-    for site in ("a", "b"):
-        with sqlite3.connect(sites.db(site), timeout=10) as conn:
-            open_jobs = conn.execute(
-                "SELECT count(*) FROM jobs WHERE state IN ('ready', 'leased')"
-            ).fetchone()[0]
-            forwarded = conn.execute(
-                "SELECT count(*) FROM jobs WHERE queue = 'forward' AND state = 'done'"
-            ).fetchone()[0]
-            # A study still open waits for its quiet period (a follow-up, L-03).
-            open_studies = conn.execute(
-                "SELECT count(*) FROM studies WHERE state = 'open'"
-            ).fetchone()[0]
-        if open_jobs or open_studies or (site == "b" and not forwarded):
-            return False
-    return True
-
-
-def end_state(sites: Sites, pacs: Pacs, study: dict[str, Path]) -> int:
-    """Check every instance reached the PACS byte-identical; return the repeats."""
-    wait_until(lambda: settled(sites), SETTLE_SECONDS, "both sites to settle")
-    received = pacs.received()
-    received.pop("", None)  # the PACS's own debris of an aborted association
-    assert set(received) == set(study), "instances missing at the PACS"
-    for uid, copies in received.items():
-        for copy in copies:
-            assert dataset_bytes(copy) == dataset_bytes(study[uid])
-    return sum(len(copies) - 1 for copies in received.values())
-
-
-def dead_jobs(sites: Sites) -> int:
-    """Count the jobs either site parked in dead-letter."""
-    total = 0
-    for site in ("a", "b"):
-        with sqlite3.connect(sites.db(site), timeout=10) as conn:
-            total += conn.execute(
-                "SELECT count(*) FROM jobs WHERE state = 'dead'"
-            ).fetchone()[0]
-    return total
-
-
-def restart(sites: Sites, site: str, daemon) -> None:
-    """Restart ``site`` after its death, its dead leases run out."""
-    expire_leases(sites.db(site))
-    sites.start_a() if site == "a" else sites.start_b()
-
-
-def debris(sites: Sites, site: str) -> list[str]:
-    """Names of temporary files or folders a crash left in ``site``'s spool."""
-    spool = sites.spool(site)
-    return sorted(
-        p.name
-        for folder in ("outbox", "inbox", "opened", "incoming", "tmp")
-        if (spool / folder).exists()
-        for p in (spool / folder).iterdir()
-        if p.name.startswith(".") or folder in ("incoming", "tmp")
-    )
 
 
 # -- the stages -------------------------------------------------------------------
