@@ -44,6 +44,7 @@ from tests.fuzz.envelopes import manifest as signed_manifest
 from tests.support.peer_env import (
     CT_SMALL,
     SITE_A,
+    SITE_B,
     BridgeProcess,
     make_key_dirs,
     pack_envelope,
@@ -196,12 +197,6 @@ def test_deeply_nested_manifest_is_refused_as_malformed(tmp_path):
     assert "nest deeper than 64" in str(refused)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_assertion.verify_jws catches ValueError but not RecursionError from "
-    "json.loads of the JWS header; the fix is to read the header with "
-    "_codec.load_json (depth-bounded) or to add RecursionError to its except",
-)
 def test_manifest_jws_with_a_deeply_nested_header_is_refused_without_detail(tmp_path):
     entries = dict(sealed_entries(payload_tar()))
     header = b64url(b"[" * 100_000 + b"]" * 100_000)
@@ -299,6 +294,7 @@ def peer(tmp_path_factory, keys):
         "b",
         {
             "server": {"max_body_bytes": 4 << 20},
+            "receiver_id": SITE_B.id,
             "senders": [
                 {
                     "name": "site-a",
@@ -352,11 +348,6 @@ def test_replayed_envelope_is_refused_by_the_api_with_409(peer, keys, tmp_path):
     assert again.json()["id"] == env.envelope_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the intake checks no receiver id: Intake and the daemon's wiring do "
-    "not know this node's own JMIX id, so the opener refuses it later instead",
-)
 def test_envelope_signed_by_a_pinned_key_for_another_recipient_is_refused_by_the_api(
     peer, keys, tmp_path
 ):

@@ -7,8 +7,6 @@ numeric segments index arrays). ``manifest.jws`` is a compact JWS (RFC 7515,
 signing key's fingerprint as ``kid``.
 """
 
-import json
-
 import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -16,9 +14,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from bridge.errors import AuthenticationFailed, SchemaViolation
+from bridge.errors import AuthenticationFailed, MalformedEnvelope, SchemaViolation
 
-from ._codec import b64decode, b64encode, b64url_decode
+from ._codec import b64decode, b64encode, b64url_decode, load_json
 from .jws import sign_compact
 from .keys import fingerprint, raw_public
 
@@ -141,7 +139,7 @@ def verify_jws(jws: bytes, manifest_bytes: bytes, public: Ed25519PublicKey) -> N
     try:
         text = jws.strip().decode("ascii")
         head, body, sig = text.split(".")
-        header = json.loads(b64url_decode(head, "manifest.jws header"))
+        header = load_json(b64url_decode(head, "manifest.jws header"), "manifest.jws")
         payload = b64url_decode(body, "manifest.jws payload")
         signature = b64url_decode(sig, "manifest.jws signature")
         kid = str(header.get("kid", "")).lower()
@@ -152,5 +150,5 @@ def verify_jws(jws: bytes, manifest_bytes: bytes, public: Ed25519PublicKey) -> N
         ):
             raise AuthenticationFailed()
         public.verify(signature, f"{head}.{body}".encode("ascii"))
-    except (ValueError, AttributeError, SchemaViolation, InvalidSignature) as exc:
+    except (ValueError, AttributeError, MalformedEnvelope, InvalidSignature) as exc:
         raise AuthenticationFailed() from exc

@@ -10,9 +10,14 @@ import json
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bridge.errors import AuthenticationFailed, SchemaViolation, UnknownSigner
+from bridge.errors import (
+    AuthenticationFailed,
+    MalformedEnvelope,
+    SchemaViolation,
+    UnknownSigner,
+)
 
-from ._codec import b64url, b64url_decode
+from ._codec import b64url, b64url_decode, load_json
 from .keys import fingerprint
 from .trust import TrustStore
 
@@ -34,8 +39,8 @@ def verify_compact(jws: bytes, trust: TrustStore) -> tuple[bytes, str]:
     """
     try:
         head, body, sig = jws.strip().decode("ascii").split(".")
-        header = json.loads(b64url_decode(head, "JWS header"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        header = load_json(b64url_decode(head, "JWS header"), "JWS header")
+    except (UnicodeDecodeError, ValueError, MalformedEnvelope) as exc:
         raise SchemaViolation("not a compact JWS") from exc
     if not isinstance(header, dict) or header.get("alg") != "EdDSA":
         raise SchemaViolation("JWS header: expected alg EdDSA")

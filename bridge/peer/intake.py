@@ -14,9 +14,10 @@ recorded or was accepted (``Store.is_seen``); nothing new is kept then.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,16 +51,29 @@ class Intake:
 
     ``senders`` are every peer allowed to send to us; each one's pinned signing
     keys form its own trust store, so that one sender cannot pass an envelope
-    signed by another's key.
+    signed by another's key. ``trust`` and ``policies``, by sender name, are
+    the trust stores and open policies the opener will apply (this node's own
+    id as the expected receiver, the governance policies); given them, the
+    upload is refused for what the opener would refuse, before it is stored.
     """
 
-    def __init__(self, store: Store, spool: Spool, senders: Iterable[InboundSender]):
+    def __init__(
+        self,
+        store: Store,
+        spool: Spool,
+        senders: Iterable[InboundSender],
+        *,
+        trust: Mapping[str, jmix.TrustStore] | None = None,
+        policies: Mapping[str, jmix.OpenPolicy] | None = None,
+    ):
         self.store = store
         self.spool = spool
         self._trust = {
             s.name: jmix.TrustStore([(s.id or None, key) for key in s.signing_keys])
             for s in senders
         }
+        self._trust.update(trust or {})
+        self._policies = dict(policies or {})
         # One lock orders "is it new?" and "record it" for every transport, so two
         # copies of one envelope arriving together cannot both be recorded.
         self._lock = threading.Lock()
@@ -88,9 +102,10 @@ class Intake:
             )
 
         trust = sender.trust if authenticated else "signed"
-        policy = jmix.OpenPolicy(
-            trust=trust, require_encryption=sender.require_encryption
+        policy = self._policies.get(sender.name) or jmix.OpenPolicy(
+            require_encryption=sender.require_encryption
         )
+        policy = dataclasses.replace(policy, trust=trust)
         signer = jmix.check_sender(
             manifest,
             jws,

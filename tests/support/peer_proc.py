@@ -21,6 +21,7 @@ import sys
 import threading
 from pathlib import Path
 
+from bridge.jmix import OpenPolicy
 from bridge.peer.deliver import DELIVER_QUEUE, Deliverer
 from bridge.peer.dropfolder import InboxWatcher
 from bridge.peer.intake import Intake
@@ -63,7 +64,15 @@ def main(argv: list[str]) -> int:
     spool = Spool(conf["spool"])
     senders = [InboundSender(**_fields(s)) for s in conf.get("senders", [])]
     peers = [PeerSettings(**_fields(p)) for p in conf.get("peers", [])]
-    intake = Intake(store, spool, senders)
+    # "receiver_id", when given, is this node's own JMIX id, checked at upload.
+    policies = {
+        s.name: OpenPolicy(
+            require_encryption=s.require_encryption,
+            expected_receiver_id=conf.get("receiver_id"),
+        )
+        for s in senders
+    }
+    intake = Intake(store, spool, senders, policies=policies)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
