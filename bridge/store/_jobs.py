@@ -1,10 +1,11 @@
 """What the SQLite and PostgreSQL job queues do alike: ending a leased job.
 
 A mixin of both stores' job classes. It relies on the store's ``_write``
-transaction, its ``_mark`` (the driver's parameter placeholder) and the
+transaction, its ``_mark`` (the driver's parameter placeholder), the
 helpers that record a job's results: ``_enqueue``, ``_mark_seen``,
-``_put_envelope`` and ``_set_envelope_state``. Claiming differs between the
-two (SQLite's one writer, PostgreSQL's ``SKIP LOCKED``) and stays with each.
+``_put_envelope`` and ``_set_envelope_state``, and ``_job_due``
+(``_signals``), told of a job made ready again now. Claiming differs between
+the two (SQLite's one writer, PostgreSQL's ``SKIP LOCKED``) and stays with each.
 """
 
 import time
@@ -29,14 +30,14 @@ class JobEndings:
         payload: dict | None = None,
         count_attempt: bool = False,
     ) -> bool:
-        m = self._mark
+        m, now = self._mark, time.time()
         sets = [
             f"state = {m}",
             f"updated_at = {m}",
             "lease_owner = ''",
             "lease_until = 0",
         ]
-        args: list = [state.value, time.time()]
+        args: list = [state.value, now]
         if count_attempt:
             sets.append("attempts = attempts + 1")
         if error is not None:
@@ -53,7 +54,19 @@ class JobEndings:
             f"WHERE id = {m} AND state = 'leased' AND lease_owner = {m}",
             (*args, job_id, owner),
         )
-        return cur.rowcount == 1
+        if cur.rowcount != 1:
+            return False
+        if state == JobState.READY and (not_before is None or not_before <= now):
+            self._due_again(conn, job_id)
+        return True
+
+    def _due_again(self, conn, job_id: int) -> None:
+        """Tell the subscribers of a job's queue, once committed, that it is due."""
+        row = conn.execute(
+            f"SELECT queue FROM jobs WHERE id = {self._mark}",  # noqa: S608
+            (job_id,),
+        ).fetchone()
+        self._job_due(row["queue"])
 
     def complete(
         self,

@@ -3,8 +3,9 @@
 Several bridge processes claim from one table: ``claim`` picks its row with
 ``FOR UPDATE SKIP LOCKED``, so a worker never waits on a job another worker is
 taking and no job is leased twice. The rest mirrors ``_sqlite_jobs``, and
-ending a leased job is shared with it (``_jobs``); it relies on the store's
-``_write``/``_read`` transactions.
+ending a leased job is shared with it (``_jobs``), as is telling subscribers
+of a due job (``_signals``); it relies on the store's ``_write``/``_read``
+transactions.
 """
 
 import time
@@ -13,10 +14,11 @@ from bridge.store._jobs import JobEndings
 from bridge.store._pg_connections import retried
 from bridge.store._rows import filters
 from bridge.store._rows import job as _job
+from bridge.store._signals import EnqueueSignals
 from bridge.store.base import Job, JobCount, JobState, NewJob, dumps
 
 
-class PostgresJobs(JobEndings):
+class PostgresJobs(JobEndings, EnqueueSignals):
     """Enqueue, claim under a lease, complete, retry, dead-letter and list jobs."""
 
     _mark = "%s"
@@ -28,12 +30,11 @@ class PostgresJobs(JobEndings):
         with self._write() as conn:
             return self._enqueue(conn, job)
 
-    @staticmethod
-    def _enqueue(conn, job: NewJob) -> Job:
+    def _enqueue(self, conn, job: NewJob) -> Job:
         now = time.time()
         # A concurrent insert of the same key makes this one wait for it and
         # then do nothing; the SELECT (a new snapshot) sees the winner's row.
-        conn.execute(
+        cur = conn.execute(
             "INSERT INTO jobs (queue, key, target, payload, state, not_before, "
             "created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
             "ON CONFLICT (key) DO NOTHING",
@@ -48,6 +49,8 @@ class PostgresJobs(JobEndings):
                 now,
             ),
         )
+        if cur.rowcount == 1 and job.not_before <= now:
+            self._job_due(job.queue)
         return _job(
             conn.execute("SELECT * FROM jobs WHERE key = %s", (job.key,)).fetchone()
         )
@@ -113,7 +116,10 @@ class PostgresJobs(JobEndings):
                 "updated_at = %s WHERE id = %s AND state = 'dead'",
                 (now, now, job_id),
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            self._due_again(conn, job_id)
+            return True
 
     def get_job(self, job_id: int) -> Job | None:
         rows = self._read("SELECT * FROM jobs WHERE id = %s", (job_id,))

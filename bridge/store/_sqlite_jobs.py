@@ -2,7 +2,7 @@
 
 It relies on the store's ``_write``/``_read`` transactions. Ending a leased
 job (complete, retry, dead-letter, release) is shared with the PostgreSQL
-store, in ``_jobs``.
+store, in ``_jobs``; so is telling subscribers of a due job, in ``_signals``.
 """
 
 import time
@@ -10,10 +10,11 @@ import time
 from bridge.store._jobs import JobEndings
 from bridge.store._rows import filters
 from bridge.store._rows import job as _job
+from bridge.store._signals import EnqueueSignals
 from bridge.store.base import Job, JobCount, JobState, NewJob, dumps
 
 
-class SQLiteJobs(JobEndings):
+class SQLiteJobs(JobEndings, EnqueueSignals):
     """Enqueue, claim under a lease, complete, retry, dead-letter and list jobs."""
 
     # -- enqueue and claim --------------------------------------------------
@@ -22,10 +23,9 @@ class SQLiteJobs(JobEndings):
         with self._write() as conn:
             return self._enqueue(conn, job)
 
-    @staticmethod
-    def _enqueue(conn, job: NewJob) -> Job:
+    def _enqueue(self, conn, job: NewJob) -> Job:
         now = time.time()
-        conn.execute(
+        cur = conn.execute(
             "INSERT OR IGNORE INTO jobs (queue, key, target, payload, state, "
             "not_before, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -39,6 +39,8 @@ class SQLiteJobs(JobEndings):
                 now,
             ),
         )
+        if cur.rowcount == 1 and job.not_before <= now:
+            self._job_due(job.queue)
         return _job(
             conn.execute("SELECT * FROM jobs WHERE key = ?", (job.key,)).fetchone()
         )
@@ -93,7 +95,10 @@ class SQLiteJobs(JobEndings):
                 "updated_at = ? WHERE id = ? AND state = 'dead'",
                 (now, now, job_id),
             )
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            self._due_again(conn, job_id)
+            return True
 
     def get_job(self, job_id: int) -> Job | None:
         rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -310,6 +311,28 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def enqueue(self, job: NewJob) -> Job:
         """Add a ready job, or return the existing job with the same key."""
+
+    @abc.abstractmethod
+    def subscribe(self, queue: str, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` whenever a job of ``queue`` becomes due in this
+        process, after the transaction that made it due commits.
+
+        A job becomes due when any method adds it with a ``not_before`` that
+        has passed (:meth:`enqueue`, and the ``jobs`` of :meth:`seal_study`,
+        :meth:`put_envelope`, :meth:`set_envelope_state` and :meth:`complete`)
+        or makes it ready now again (:meth:`requeue`, :meth:`release`, and
+        :meth:`retry_later` with a ``not_before`` that has passed). A job due
+        later, a key already known, a rolled-back transaction and other
+        processes sharing the store call no one: workers poll for those.
+        ``callback`` runs on the committing thread once its connection is free,
+        so it should be quick (set an event); an exception it raises is logged
+        and dropped.
+        """
+
+    @abc.abstractmethod
+    def unsubscribe(self, queue: str, callback: Callable[[], None]) -> None:
+        """Stop calling a callback given to :meth:`subscribe`; unknown ones are
+        ignored."""
 
     @abc.abstractmethod
     def claim(

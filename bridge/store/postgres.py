@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 
@@ -74,6 +75,7 @@ class PostgresStore(PostgresJobs, Store):
         max_connections: int = 10,
         timeout: float = 30.0,
     ):
+        self._init_signals()
         self._db = Connections(
             url, min_size=min_connections, max_size=max_connections, timeout=timeout
         )
@@ -91,8 +93,12 @@ class PostgresStore(PostgresJobs, Store):
 
     # -- transactions ---------------------------------------------------------------
 
-    def _write(self) -> AbstractContextManager[psycopg.Connection]:
-        return self._db.write()
+    @contextmanager
+    def _write(self) -> Iterator[psycopg.Connection]:
+        # The connection's transaction commits, and the connection goes back
+        # to the pool, before the queues' subscribers hear of their jobs.
+        with self._signalled(), self._db.write() as conn:
+            yield conn
 
     def _read(self, sql: str, args: tuple = ()) -> list[dict]:
         return self._db.read(sql, args)

@@ -48,6 +48,7 @@ class SQLiteStore(SQLiteJobs, Store):
     """The state store in one SQLite file; see the module docstring."""
 
     def __init__(self, path: Path | str, *, busy_timeout: float = 30.0):
+        self._init_signals()
         self.path = Path(path)
         self._busy_ms = int(busy_timeout * 1000)
         self._local = threading.local()
@@ -98,16 +99,17 @@ class SQLiteStore(SQLiteJobs, Store):
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._signalled():
             try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StoreError(f"state store write failed: {exc}") from exc
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"state store write failed: {exc}") from exc
 
     def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         try:
