@@ -7,8 +7,9 @@ returns, or raises, decides the job's fate:
 - ``Outcome.done(...)`` completes the job and records its results (follow-up
   jobs, an envelope, an envelope state) in the same transaction;
 - ``Outcome.retry(error, ...)`` or a raised ``RetryableTransportError`` counts a
-  failed attempt and schedules the next one with the queue's backoff, unless
-  the retry policy is exhausted, in which case the job goes to dead-letter;
+  failed attempt and schedules the next one with the backoff of the job's
+  target, unless its retry policy is exhausted, in which case the job goes to
+  dead-letter;
 - ``Outcome.dead(error)`` or a raised ``PermanentTransportError`` parks the job
   in dead-letter at once, where an operator can see and re-send it;
 - any other exception is logged without its arguments' data and retried, so
@@ -16,6 +17,12 @@ returns, or raises, decides the job's fate:
 
 Failures that concern a target (a peer, a PACS) feed that target's circuit
 breaker; while it is open the target's jobs stay ready and cost nothing.
+
+An idle worker waits for the store to tell it of a due job in its queue
+(:meth:`Store.subscribe`), so a hand-off from one queue to the next within the
+process costs no poll interval. It still polls, for what no one announces: a
+retry that has become due, an expired lease, a breaker that closed, and jobs
+enqueued by another process sharing the store.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,7 +102,13 @@ ResultHook = Callable[[str, str, str], None]  # (queue, target, result)
 
 @dataclass
 class WorkerSpec:
-    """One kind of worker: its queue, handler and policies."""
+    """One kind of worker: its queue, handler and policies.
+
+    ``retry`` serves every target not named in ``retry_by_target`` (a job's
+    target is its peer or destination); ``breakers`` holds the circuit policy
+    per target. ``poll_seconds`` bounds how long an idle thread waits when no
+    one tells it of a job.
+    """
 
     queue: str
     handler: Handler
@@ -104,6 +117,11 @@ class WorkerSpec:
     lease_seconds: float = 300.0
     poll_seconds: float = 0.25
     threads: int = 1
+    retry_by_target: Mapping[str, RetryPolicy] = field(default_factory=dict)
+
+    def retry_for(self, target: str) -> RetryPolicy:
+        """Return the retry policy of ``target``: its own, or the default."""
+        return self.retry_by_target.get(target, self.retry)
 
 
 class Worker:
@@ -128,7 +146,8 @@ class Worker:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        """Start the worker threads."""
+        """Start the worker threads, woken by the store when a job is enqueued."""
+        self.store.subscribe(self.spec.queue, self.wake)
         for index in range(self.spec.threads):
             owner = f"{self._owner_prefix}:{index}"
             thread = threading.Thread(
@@ -146,6 +165,7 @@ class Worker:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop claiming, wait up to ``timeout`` s, then release unfinished leases."""
+        self.store.unsubscribe(self.spec.queue, self.wake)
         self.stopping.set()
         self._wake.set()
         deadline = time.monotonic() + timeout
@@ -173,14 +193,17 @@ class Worker:
 
     def _loop(self, owner: str) -> None:
         while not self.stopping.is_set():
+            # Cleared before looking, not after waiting: a wake-up that comes
+            # while this thread looks then ends its next wait at once, where
+            # clearing later would lose it and the job would wait a poll.
+            self._wake.clear()
             try:
                 found = self.run_once(owner)
             except Exception:
                 logger.exception("worker loop failed queue=%s", self.spec.queue)
                 found = False
-            if not found:
+            if not found and not self.stopping.is_set():
                 self._wake.wait(self.spec.poll_seconds)
-                self._wake.clear()
 
     def _process(self, job: Job, owner: str) -> None:
         breaker = (
@@ -252,10 +275,11 @@ class Worker:
         if breaker and outcome.target_failed:
             breaker.failed()
         attempts = job.attempts + 1
-        if outcome.kind == "retry" and not self.spec.retry.exhausted(
+        retry = self.spec.retry_for(target)
+        if outcome.kind == "retry" and not retry.exhausted(
             attempts, job.created_at, time.time()
         ):
-            delay = self.spec.retry.delay(attempts, outcome.retry_after)
+            delay = retry.delay(attempts, outcome.retry_after)
             self.store.retry_later(
                 job.id,
                 owner,

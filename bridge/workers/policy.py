@@ -1,5 +1,9 @@
 """Retry and circuit-breaker policies shared by every worker that talks to a peer.
 
+Each target (a peer, a PACS) may have policies of its own; a target without
+gets its queue's default (``WorkerSpec.retry_by_target``,
+``BreakerBoard.policy_by_target``).
+
 Backoff is exponential with "equal jitter": half the delay is fixed, half random,
 so that many jobs failing together do not retry together, while the delay still
 grows visibly from one attempt to the next. A peer's ``Retry-After`` wins over
@@ -11,6 +15,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -104,18 +109,31 @@ class CircuitBreaker:
 
 
 class BreakerBoard:
-    """The circuit breakers of one kind of target, created on first use."""
+    """The circuit breakers of one kind of target, created on first use.
 
-    def __init__(self, policy: BreakerPolicy | None = None):
+    A target named in ``policy_by_target`` gets that policy; every other target
+    gets ``policy``.
+    """
+
+    def __init__(
+        self,
+        policy: BreakerPolicy | None = None,
+        policy_by_target: Mapping[str, BreakerPolicy] | None = None,
+    ):
         self.policy = policy or BreakerPolicy()
+        self.policy_by_target = dict(policy_by_target or {})
         self._breakers: dict[str, CircuitBreaker] = {}
         self._lock = threading.Lock()
+
+    def policy_for(self, target: str) -> BreakerPolicy:
+        """Return the breaker policy of ``target``: its own, or the default."""
+        return self.policy_by_target.get(target, self.policy)
 
     def get(self, target: str) -> CircuitBreaker:
         """Return the breaker of ``target``."""
         with self._lock:
             if target not in self._breakers:
-                self._breakers[target] = CircuitBreaker(self.policy)
+                self._breakers[target] = CircuitBreaker(self.policy_for(target))
             return self._breakers[target]
 
     def blocked(self) -> frozenset[str]:
