@@ -7,17 +7,26 @@ operator needs to know that the certificate, not the DICOM or HTTP layer, is
 the problem. :func:`log_handshake_failures` makes a context's sockets log
 ``tls handshake failed`` with the peer's address and OpenSSL's reason
 (``TLSV1_ALERT_UNKNOWN_CA``, ``certificate verify failed: ...``); the reason
-names no certificate content, only what went wrong.
+names no certificate content, only what went wrong. An asyncio server (aiohttp)
+learns the peer's address for that line only when it listens on sockets from
+:func:`listening_sockets`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
+import socket
 import ssl
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+# The address of the connection an asyncio server accepted last in this context.
+_accepted_peer: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "tls_accepted_peer", default="unknown"
+)
 
 
 def server_context(
@@ -73,7 +82,8 @@ def log_handshake_failures(
     )
     # asyncio (and so aiohttp) drives TLS through memory BIOs, not sockets; it
     # logs a failed handshake only in debug mode. The object cannot see the
-    # peer's address, so that line says peer_host=unknown.
+    # peer's address: it reads what listening_sockets() recorded, or says
+    # peer_host=unknown.
     ctx.sslobject_class = type(
         "HandshakeLoggingObject", (_HandshakeLoggingObject,), {"_service": service}
     )
@@ -108,8 +118,53 @@ class _HandshakeLoggingObject(ssl.SSLObject):
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             raise  # the handshake goes on when more bytes arrive
         except ssl.SSLError as exc:
-            _log_failure(self._service, self.server_side, "unknown", exc)
+            _log_failure(self._service, self.server_side, _accepted_peer.get(), exc)
             raise
+
+
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bind TCP sockets on every address of ``host`` for an asyncio server to serve.
+
+    Binds as ``loop.create_server(host=..., port=...)`` would (SO_REUSEADDR,
+    IPv6 sockets IPv6-only; port 0 picks a free port per address) but does not
+    listen: the server does. Each accepted connection's address is recorded for
+    :func:`log_handshake_failures`' line. That relies on asyncio running the
+    handshake of a connection in the context of the task it made on accepting
+    it (Python 3.11's selector loop does; on another loop the line says
+    peer_host=unknown). Raises OSError when ``host`` does not resolve or an
+    address cannot be bound.
+    """
+    infos = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = _PeerRecordingSocket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"cannot bind {address[0]} port {port}: {exc.strerror}"
+                ) from exc
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class _PeerRecordingSocket(socket.socket):
+    def accept(self):
+        conn, address = super().accept()
+        # asyncio makes the connection's task right after this call, and the
+        # task copies the context, so each connection sees its own address.
+        _accepted_peer.set(str(address[0]))
+        return conn, address
 
 
 def _log_failure(service: str, server_side: bool, peer: str, exc: BaseException):

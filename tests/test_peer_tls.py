@@ -1,74 +1,35 @@
 """The exchange API over HTTPS, with client certificates pinned per sender."""
 
-import datetime
-import hashlib
-import ipaddress
+import logging
 import ssl
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from aiohttp import web
 
 from bridge.peer.client import PeerClient
-from bridge.peer.settings import PeerSettings
+from bridge.peer.server import PeerServer
+from bridge.peer.settings import PeerSettings, ServerSettings
+from tests.support.net import wait_until
 from tests.support.peer_env import BridgeProcess, make_key_dirs, pack_envelope
-
-
-def _issue(folder, name, issuer=None, *, ca=False, server=False):
-    """Write ``<name>.pem`` and ``<name>.key``; return (cert, key, sha256 of DER)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    issuer_cert, issuer_key = issuer or (None, key)
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_cert.subject if issuer_cert else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        ).add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-    elif not ca:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-    cert = builder.sign(issuer_key, hashes.SHA256())
-    (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path = folder / f"{name}.key"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    der = cert.public_bytes(serialization.Encoding.DER)
-    return cert, key, hashlib.sha256(der).hexdigest()
+from tests.support.pki import CertificateAuthority
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pki")
-    ca_cert, ca_key, _ = _issue(folder, "ca", ca=True)
-    _issue(folder, "server", (ca_cert, ca_key), server=True)
-    _, _, pinned = _issue(folder, "client-a", (ca_cert, ca_key))
-    _, _, both = _issue(folder, "client-both", (ca_cert, ca_key))
-    _issue(folder, "client-stranger", (ca_cert, ca_key))
+    ca = CertificateAuthority(folder, "ca")
+    ca.issue("server", server=True)
+    pinned = ca.issue("client-a", client=True).sha256
+    both = ca.issue("client-both", client=True).sha256
+    ca.issue("client-stranger", client=True)
+    # A client certificate from a CA the server does not trust at all.
+    CertificateAuthority(folder / "untrusted", "untrusted-ca").issue(
+        "client-untrusted",
+        client=True,
+        cert_path=folder / "client-untrusted.pem",
+        key_path=folder / "client-untrusted.key",
+    )
     return folder, pinned, both
 
 
@@ -182,3 +143,64 @@ def test_certificate_pinned_for_one_sender_with_anothers_token_answers_403(
         resp = client.post("/api/jmix", content=envelope.path.read_bytes())
 
     assert resp.status_code == 403
+
+
+@pytest.fixture
+def hello_server(pki):
+    """An in-process PeerServer answering GET /hello over HTTPS with client certs."""
+    folder = pki[0]
+
+    async def hello(request):
+        return web.Response(text="hello")
+
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    settings = ServerSettings(
+        port=0,
+        tls_cert=folder / "server.pem",
+        tls_key=folder / "server.key",
+        client_ca=folder / "ca.pem",
+        require_client_cert=True,
+    )
+    server = PeerServer(app, settings, shutdown_seconds=0.2)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _handshake_lines(caplog) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("tls handshake failed")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("scheme", "cert", "reason"),
+    [
+        ("https", "client-untrusted", "reason=certificate verify failed: "),
+        ("http", None, "reason=HTTP_REQUEST"),
+    ],
+    ids=["untrusted-client-certificate", "plain-http"],
+)
+def test_failed_handshake_logs_one_line_and_the_server_serves_on(
+    hello_server, pki, caplog, scheme, cert, reason
+):
+    caplog.set_level(logging.WARNING, logger="bridge.tls")
+    folder = pki[0]
+    ctx = ssl.create_default_context(cafile=str(folder / "ca.pem"))
+    if cert:
+        ctx.load_cert_chain(str(folder / f"{cert}.pem"), str(folder / f"{cert}.key"))
+    url = f"{scheme}://127.0.0.1:{hello_server.port}/hello"
+
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url, verify=ctx, timeout=10)
+    wait_until(lambda: _handshake_lines(caplog), 10, "the handshake log line")
+    with _https(hello_server, pki, cert="client-a") as client:
+        good = client.get("/hello")
+
+    [line] = _handshake_lines(caplog)
+    assert "service=http side=server peer_host=127.0.0.1 " in line
+    assert reason in line
+    assert good.status_code == 200

@@ -45,6 +45,7 @@ from bridge.jmix.audit import current_audit
 from bridge.peer.intake import Intake
 from bridge.peer.settings import InboundSender, ServerSettings
 from bridge.spool import validate_envelope_id
+from bridge.tls import listening_sockets, log_handshake_failures, server_context
 
 logger = logging.getLogger(__name__)
 
@@ -406,15 +407,12 @@ def server_ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
     """
     if not settings.tls_cert:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(settings.tls_cert), str(settings.tls_key or "") or None)
-    if settings.client_ca:
-        ctx.load_verify_locations(cafile=str(settings.client_ca))
-        ctx.verify_mode = (
-            ssl.CERT_REQUIRED if settings.require_client_cert else ssl.CERT_OPTIONAL
-        )
-    return ctx
+    return server_context(
+        settings.tls_cert,
+        settings.tls_key,
+        settings.client_ca,
+        settings.require_client_cert,
+    )
 
 
 HEADER_SECONDS = 15.0
@@ -495,13 +493,13 @@ class PeerServer:
             keepalive_timeout=self.header_seconds,
         )
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner,
-            self.settings.host,
-            self.settings.port,
-            ssl_context=server_ssl_context(self.settings),
-        )
-        await site.start()
+        ctx = server_ssl_context(self.settings)
+        if ctx is not None:
+            # Without this a failed handshake (an untrusted client certificate,
+            # plain HTTP to this port) leaves no trace on this side.
+            log_handshake_failures(ctx, "http")
+        for sock in listening_sockets(self.settings.host, self.settings.port):
+            await web.SockSite(self._runner, sock, ssl_context=ctx).start()
         self.port = self._runner.addresses[0][1]
 
     def stop(self) -> None:

@@ -2,7 +2,8 @@
 
 One :class:`CertificateAuthority` per folder writes ``<name>.pem`` (its own
 certificate) and issues server and client certificates with their keys
-(``<name>.pem``, ``<name>.key``, mode 0600 as the config asks of a private key).
+(``<name>.pem``, ``<name>.key``, mode 0600 as the config asks of a private key),
+or to the paths a test names.
 Server certificates name 127.0.0.1 and localhost, so a client verifying the host
 name connects to the loopback address. All keys are P-256.
 """
@@ -74,11 +75,20 @@ class CertificateAuthority:
         self.cert.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(
-        self, name: str, *, server: bool = False, client: bool = False, days: int = 1
+        self,
+        name: str,
+        *,
+        server: bool = False,
+        client: bool = False,
+        days: int = 1,
+        cert_path: Path | None = None,
+        key_path: Path | None = None,
     ) -> Issued:
         """Write and return a leaf certificate for TLS servers, clients or both.
 
-        ``days`` may be negative or zero for a certificate already expired.
+        ``days`` may be negative or zero for a certificate already expired. The
+        files go to ``cert_path`` and ``key_path`` when given (their folders are
+        made), else to ``<name>.pem`` and ``<name>.key`` in the CA's folder.
         """
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
@@ -113,9 +123,13 @@ class CertificateAuthority:
         if usages:
             builder = builder.add_extension(x509.ExtendedKeyUsage(usages), False)
         cert = builder.sign(self._key, hashes.SHA256())
-        cert_path = self.folder / f"{name}.pem"
-        key_path = self.folder / f"{name}.key"
+        cert_path = cert_path or self.folder / f"{name}.pem"
+        key_path = key_path or self.folder / f"{name}.key"
+        cert_path.parent.mkdir(parents=True, exist_ok=True)
+        key_path.parent.mkdir(parents=True, exist_ok=True)
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.touch(mode=0o600)
+        key_path.chmod(0o600)
         key_path.write_bytes(
             key.private_bytes(
                 serialization.Encoding.PEM,
@@ -123,7 +137,6 @@ class CertificateAuthority:
                 serialization.NoEncryption(),
             )
         )
-        key_path.chmod(0o600)
         der = cert.public_bytes(serialization.Encoding.DER)
         return Issued(cert_path, key_path, hashlib.sha256(der).hexdigest(), not_after)
 
