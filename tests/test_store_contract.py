@@ -462,6 +462,114 @@ def test_job_counts_by_queue_target_and_state(store):
     }
 
 
+# -- enqueue signals --------------------------------------------------------------
+
+
+def listen(store, queue="q"):
+    """Subscribe to ``queue``; each call appends the queue's committed job keys."""
+    heard = []
+    store.subscribe(
+        queue, lambda: heard.append(sorted(j.key for j in store.list_jobs(queue=queue)))
+    )
+    return heard
+
+
+def test_enqueue_tells_the_queue_subscribers_once_committed(store):
+    heard, other = listen(store), listen(store, "other")
+    store.enqueue(NewJob("q", "k"))
+    assert heard == [["k"]]
+    assert other == []
+
+
+def _with_jobs(store, job):
+    """Each way, besides enqueue, that adds jobs in one transaction."""
+    return {
+        "seal_study": lambda: store.seal_study(
+            add(store, inst()).study.ref, "t", [job]
+        ),
+        "put_envelope": lambda: store.put_envelope(envelope(), [job]),
+        "set_envelope_state": lambda: store.set_envelope_state(
+            ENV_ID, "out", "x", jobs=[job]
+        ),
+        "complete": lambda: store.complete(
+            claimed(store, key="s1", queue="s").id, "w1", jobs=[job]
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "way", ["seal_study", "put_envelope", "set_envelope_state", "complete"]
+)
+def test_jobs_added_with_other_records_tell_their_queue(store, way):
+    heard = listen(store)
+    _with_jobs(store, NewJob("q", "k"))[way]()
+    assert heard == [["k"]]
+
+
+@pytest.mark.parametrize("way", ["release", "retry_later", "requeue"])
+def test_job_made_due_again_tells_its_queue(store, way):
+    job = claimed(store, queue="q")
+    if way == "requeue":
+        store.dead_letter(job.id, "w1", "gave up")
+    heard = listen(store)
+    {
+        "release": lambda: store.release(job.id, "w1"),
+        "retry_later": lambda: store.retry_later(job.id, "w1", "down", 0.0),
+        "requeue": lambda: store.requeue(job.id),
+    }[way]()
+    assert heard == [["k"]]
+
+
+def test_job_due_later_tells_no_one(store):
+    heard = listen(store)
+    store.enqueue(NewJob("q", "later", not_before=T0))
+    job = claimed(store, key="now", queue="q")
+    heard.clear()
+    store.retry_later(job.id, "w1", "peer down", T0 + 100)
+    store.dead_letter(store.claim("q", "w1", 30, now=T0).id, "w1", "gave up")
+    assert heard == []
+
+
+def test_known_key_tells_no_one_again(store):
+    heard = listen(store)
+    store.enqueue(NewJob("q", "k"))
+    store.enqueue(NewJob("q", "k"))
+    assert heard == [["k"]]
+
+
+def test_rolled_back_transaction_tells_no_one(store):
+    heard = listen(store)
+    unserialisable = NewJob("q", "bad", payload={"x": object()})
+    with pytest.raises(TypeError):
+        store.put_envelope(envelope(), [NewJob("q", "good"), unserialisable])
+    assert heard == []
+    assert store.list_jobs(queue="q") == []
+
+
+def test_unsubscribed_callback_is_not_called(store):
+    heard = []
+
+    def callback():
+        heard.append("called")
+
+    store.subscribe("q", callback)
+    store.unsubscribe("q", callback)
+    store.unsubscribe("q", callback)  # a second time is ignored
+    store.enqueue(NewJob("q", "k"))
+    assert heard == []
+
+
+def test_failing_subscriber_neither_undoes_the_job_nor_silences_others(store):
+    def fail():
+        raise RuntimeError("subscriber bug")
+
+    store.subscribe("q", fail)
+    heard = listen(store)
+    job = store.enqueue(NewJob("q", "k"))
+    assert heard == [["k"]]
+    assert store.get_job(job.id).state == JobState.READY
+
+
 # -- retention ------------------------------------------------------------------
 
 
