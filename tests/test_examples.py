@@ -8,7 +8,6 @@ wires site A to site B to Orthanc; the systemd unit passes systemd's verifier.
 """
 
 import dataclasses
-import datetime
 import re
 import shutil
 import subprocess
@@ -18,15 +17,12 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.x509.oid import NameOID
 
 from bridge.cli import build_parser
 from bridge.config import Config, env_name, load_config
 from bridge.errors import ConfigError
 from bridge.jmix import generate_key_dir
+from tests.support.pki import CertificateAuthority
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(ROOT.glob("conf/*.yaml")) + sorted(ROOT.glob("docker/*.yaml"))
@@ -48,37 +44,11 @@ def _tokens(raw: dict) -> dict[str, str]:
     return env
 
 
-def _write_certificate(cert_path: Path, key_path: Path | None = None) -> None:
-    """Write a self-signed certificate, and its private key (mode 0600) if asked."""
-    key = Ed25519PrivateKey.generate()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "jmix-bridge test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, None)
-    )
-    cert_path.parent.mkdir(parents=True, exist_ok=True)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    if key_path is not None:
-        key_path.parent.mkdir(parents=True, exist_ok=True)
-        key_path.touch(mode=0o600)
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+def _make_files(config: Config, pki: Path) -> None:
+    """Create every key and certificate file ``config`` names, as an operator would.
 
-
-def _make_files(config: Config) -> None:
-    """Create every key and certificate file ``config`` names, as an operator would."""
+    Certificates are issued by one test CA kept in ``pki``.
+    """
     key_dirs = {config.keys_dir}
     for peer in config.peers:
         key_dirs |= {peer.encryption_key.parent}
@@ -91,11 +61,13 @@ def _make_files(config: Config) -> None:
 
     sections = [config.dicom.tls, config.http.tls]
     sections += [p.tls for p in config.peers] + [d.tls for d in config.destinations]
-    for tls in filter(None, sections):
+    ca = CertificateAuthority(pki)
+    for number, tls in enumerate(filter(None, sections)):
         if tls.cert is not None:
-            _write_certificate(tls.cert, tls.key)
+            ca.issue(f"leaf-{number}", cert_path=tls.cert, key_path=tls.key)
         if tls.ca is not None:
-            _write_certificate(tls.ca)
+            tls.ca.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ca.cert, tls.ca)
 
 
 def _install(example: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
@@ -130,7 +102,7 @@ def _schema_keys(cls=Config) -> set[str]:
 @pytest.mark.parametrize("example", BRIDGE_EXAMPLES, ids=_ids(BRIDGE_EXAMPLES))
 def test_example_loads_with_its_key_files_checked(example, tmp_path):
     path, env = _install(example, tmp_path)
-    _make_files(load_config(path, env=env, check_files=False))
+    _make_files(load_config(path, env=env, check_files=False), tmp_path / "pki")
 
     config = load_config(path, env=env)
 
@@ -177,7 +149,7 @@ def test_receiver_example_names_the_missing_token_variable(tmp_path):
 def test_example_with_a_readable_private_key_is_refused(tmp_path):
     path, env = _install(ROOT / "conf" / "sender.yaml", tmp_path)
     config = load_config(path, env=env, check_files=False)
-    _make_files(config)
+    _make_files(config, tmp_path / "pki")
     (config.keys_dir / "encryption.key").chmod(0o644)
 
     with pytest.raises(ConfigError) as info:

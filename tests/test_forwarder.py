@@ -1,18 +1,12 @@
 """The forwarder against real PACS on loopback: dcmtk storescp, Orthanc, and
 pynetdicom SCPs scripted to answer what a real PACS answers when it fails."""
 
-import datetime
-import ipaddress
 import logging
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
@@ -36,6 +30,7 @@ from bridge.errors import PermanentTransportError, RetryableTransportError
 from tests.support.dcmtk import StoreSCP
 from tests.support.net import free_port, wait_until
 from tests.support.orthanc import Orthanc
+from tests.support.pki import CertificateAuthority
 
 COMPRESSED = ["JPEG2000.dcm", "SC_rgb_rle.dcm", "SC_rgb_jpeg_dcmtk.dcm"]
 UNCOMPRESSED = ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm"]
@@ -427,20 +422,15 @@ def test_storage_commitment_reported_on_same_association_is_committed(
 
 
 def test_tls_destination_with_client_certificate(tmp_path):
-    pki = _pki(tmp_path / "pki")
+    ca = CertificateAuthority(tmp_path / "pki")
+    server = ca.issue("server", server=True)
+    client = ca.issue("client", client=True)
     scp = StoreSCP(
         tmp_path / "pacs",
-        extra=(
-            "+tls",
-            str(pki["server.key"]),
-            str(pki["server.crt"]),
-            "+cf",
-            str(pki["ca.crt"]),
-            "-rc",
-        ),
+        extra=("+tls", str(server.key), str(server.cert), "+cf", str(ca.cert), "-rc"),
     )
     try:
-        tls = TLSSettings(pki["ca.crt"], pki["client.crt"], pki["client.key"])
+        tls = TLSSettings(ca.cert, client.cert, client.key)
         files = _study(tmp_path / "in", ["CT_small.dcm", "JPEG2000.dcm"])
 
         result = forward(_dest(scp.port, tls=tls), files)
@@ -449,71 +439,3 @@ def test_tls_destination_with_client_certificate(tmp_path):
         assert len(scp.files()) == 2
     finally:
         scp.stop()
-
-
-def _pki(folder: Path) -> dict[str, Path]:
-    """Write a throwaway CA and a server and a client certificate it signed."""
-    folder.mkdir()
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = {"ca.crt": folder / "ca.crt"}
-    paths["ca.crt"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for role, usage in (
-        ("server", x509.ExtendedKeyUsageOID.SERVER_AUTH),
-        ("client", x509.ExtendedKeyUsageOID.CLIENT_AUTH),
-    ):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, role)]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [
-                        x509.DNSName("localhost"),
-                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    ]
-                ),
-                False,
-            )
-            .add_extension(x509.ExtendedKeyUsage([usage]), False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                False,
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        paths[f"{role}.crt"] = folder / f"{role}.crt"
-        paths[f"{role}.key"] = folder / f"{role}.key"
-        paths[f"{role}.crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        paths[f"{role}.key"].write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return paths

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import datetime
 import shutil
 import subprocess
-from pathlib import Path
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.config import Config, HttpSettings, TLSFiles
 from bridge.ops import Metrics
 from tests.support.net import free_port, wait_until
+from tests.support.pki import CertificateAuthority
 from tests.test_ops_docs import dashboard_queries
 from tests.test_ops_support import (
     PATIENT_MARKER,
@@ -178,27 +173,9 @@ def test_peer_up_is_zero_while_its_circuit_is_open(bridge):
     assert value(text, "jmix_bridge_destination_up", destination="pacs") == 1
 
 
-def _certificate(path: Path, days: int) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bridge.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .sign(key, hashes.SHA256())
-    )
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
 def test_certificate_expiry_counts_seconds_until_not_after(tmp_path):
-    cert = tmp_path / "http.crt"
-    _certificate(cert, days=10)
-    config = make_config(tls=TLSFiles(cert=cert, key=tmp_path / "http.key"))
+    http = CertificateAuthority(tmp_path).issue("http", server=True, days=10)
+    config = make_config(tls=TLSFiles(cert=http.cert, key=http.key))
     metrics = Metrics(config)
     metrics.attach_state()
 
