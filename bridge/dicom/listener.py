@@ -1,4 +1,5 @@
-"""The DICOM listener: a C-STORE and C-ECHO SCP that takes studies in.
+"""The DICOM listener: a C-STORE and C-ECHO SCP that takes studies in, and the
+receiver of storage commitment results a PACS sends on an association of its own.
 
 Each association runs in its own pynetdicom thread. Data sets stream to a file
 in the spool's ``incoming/`` folder as they arrive (pynetdicom's chunked
@@ -9,8 +10,16 @@ into the spool, fsyncs it and records it, and only then is success answered.
 Association policy lives in one handler on ``EVT_REQUESTED``, pynetdicom's
 supported place to send an A-ASSOCIATE-RJ before negotiation: allowed calling
 AE titles and hosts, our called AE title, the association limit and the
-free-disk watermark. Nothing escapes a handler: every failure becomes a DIMSE
-status or an association rejection, one log line and a counter.
+free-disk watermark. The same handler decides what the association may do, and
+offers only those presentation contexts: storage to callers allowed to store
+(and only when there is an ingest), Storage Commitment Push Model to the PACS
+that may report commitment results (PS3.4 J.3.3), Verification to both. Nothing
+escapes a handler: every failure becomes a DIMSE status or an association
+rejection, one log line and a counter.
+
+Logging: one INFO line when an association is accepted and one when it ends,
+with what it carried (instances accepted and refused, bytes, commitment
+reports, seconds); each accepted instance is a DEBUG line.
 
 Setting up pynetdicom touches process-wide switches (chunked receive,
 unrestricted storage, no identifier logging, the folder for received data
@@ -24,14 +33,17 @@ import logging
 import socket
 import ssl
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from tempfile import NamedTemporaryFile
 
-from pynetdicom import AE, _config, dimse_messages, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom import AE, _config, build_context, dimse_messages, evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 
+from bridge.dicom.commitment import CommitmentReports
 from bridge.errors import BridgeError
 from bridge.faults import test_only_crash_point
 from bridge.ingest import Ingest, Receipt, Rejection
@@ -54,6 +66,10 @@ CANNOT_UNDERSTAND = 0xC000
 # bytes and the policy is to reject.
 NOT_AUTHORIZED = 0x0124
 DUPLICATE_SOP_INSTANCE = 0x0111
+
+# The SOP classes a storage commitment report association needs (PS3.4 J.3.3);
+# a proposal of anything else is taken as an attempt to store.
+_REPORT_CLASSES = frozenset({Verification, StorageCommitmentPushModel})
 
 # The process-wide pynetdicom switches the listener sets, and restores on stop.
 _PYNETDICOM_SWITCHES = (
@@ -107,6 +123,12 @@ class ListenerSettings:
     ``tls`` (see :func:`bridge.tls.server_context`) makes every association
     TLS-only (PS3.15 B.9); a failed handshake is logged, and bounded by
     ``tls_handshake_timeout``.
+
+    ``commitment_callers`` are the PACS that may send storage commitment
+    results (PS3.4 J.3.3), usually the forwarding destinations: they are let in
+    even when not in ``allowed_callers``, but offered only the Storage
+    Commitment and Verification contexts unless they are allowed to store too.
+    Empty lets no one report.
     """
 
     ae_title: str = "JMIXBRIDGE"
@@ -123,6 +145,7 @@ class ListenerSettings:
     max_pdu: int = 0
     tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     tls_handshake_timeout: float = 10.0
+    commitment_callers: tuple[AllowedCaller, ...] = ()
 
 
 @dataclass
@@ -187,24 +210,98 @@ class ListenerStats:
             }
 
 
+@dataclass(frozen=True)
+class _Admission:
+    """What an accepted association may do, decided before negotiation."""
+
+    store: bool
+    report: bool
+
+
+@dataclass
+class _Session:
+    """One established association, for its summary line.
+
+    Only the association's own thread changes the counts.
+    """
+
+    calling_ae: str
+    admission: _Admission
+    started: float = field(default_factory=time.monotonic)
+    accepted: int = 0
+    refused: int = 0
+    bytes: int = 0
+    reports: int = 0
+
+
+class _AdmissionSwitch:
+    """pynetdicom's ``UNRESTRICTED_STORAGE_SERVICE``, decided per association.
+
+    pynetdicom reads that process-wide switch, for its truth value only, in the
+    association's own thread: when it negotiates the presentation contexts
+    (acse.py) and when it picks the service class of a C-STORE (association.py).
+    Our ``EVT_REQUESTED`` handler runs in that thread just before negotiation,
+    so a thread-local value lets every storage SOP class in for a caller allowed
+    to store and none for a caller that may only report storage commitment:
+    their storage contexts are then refused as any unsupported abstract syntax
+    is (PS3.8 9.3.3.2, result 3).
+    """
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def admit(self, admission: _Admission) -> None:
+        """Set what the calling thread's association may do."""
+        self._local.admission = admission
+
+    @property
+    def admission(self) -> _Admission:
+        """What the calling thread's association may do; nothing when unset."""
+        return getattr(self._local, "admission", _NOTHING)
+
+    def __bool__(self) -> bool:
+        return self.admission.store
+
+
+_NOTHING = _Admission(store=False, report=False)
+
+
 class Listener:
-    """The C-STORE and C-ECHO SCP; :meth:`start` opens the socket."""
+    """The C-STORE, C-ECHO and storage commitment report SCP; :meth:`start` opens
+    the socket.
+
+    ``ingest`` None makes a node that takes no studies in: no storage context is
+    offered to anyone. ``commitment`` receives the N-EVENT-REPORTs of the
+    ``commitment_callers`` (PS3.4 J.3.3). Raises ValueError when the listener
+    would have nothing to serve, or commitment callers but no ``commitment``.
+    """
 
     def __init__(
         self,
         settings: ListenerSettings,
-        ingest: Ingest,
+        ingest: Ingest | None,
         *,
         stats: ListenerStats | None = None,
+        commitment: CommitmentReports | None = None,
     ):
+        if ingest is None and commitment is None:
+            raise ValueError("Listener: expected an ingest or a commitment, got none")
+        if settings.commitment_callers and commitment is None:
+            raise ValueError(
+                "Listener: commitment_callers given but no commitment to record "
+                "their reports"
+            )
         self.settings = settings
         self.ingest = ingest
-        self.spool = ingest.spool
+        self.spool = ingest.spool if ingest is not None else None
+        self.commitment = commitment
         self.stats = stats or ListenerStats()
         self._server = None
         self._ae: AE | None = None
         self._allowed: dict[str, frozenset[str] | None] = {}
-        self._open: set[int] = set()  # ids of established associations
+        self._reporters: dict[str, frozenset[str] | None] = {}
+        self._switch = _AdmissionSwitch()
+        self._sessions: dict[int, _Session] = {}  # established, by id(assoc)
         self._lock = threading.Lock()
         self._saved: dict[str, object] = {}
         self._saved_tempfile = NamedTemporaryFile
@@ -227,9 +324,11 @@ class Listener:
         Raises OSError when the address cannot be bound.
         """
         self._configure_pynetdicom()
-        self.spool.sweep_incoming(older_than_seconds=0)
+        if self.spool is not None:
+            self.spool.sweep_incoming(older_than_seconds=0)
         self._allowed = _allowed_hosts(self.settings.allowed_callers)
-        if not self.settings.allowed_callers:
+        self._reporters = _allowed_hosts(self.settings.commitment_callers)
+        if self.ingest is not None and not self.settings.allowed_callers:
             logger.warning("listener accepts any calling AE title")
 
         ae = AE(ae_title=self.settings.ae_title)
@@ -239,6 +338,8 @@ class Listener:
         ae.acse_timeout = self.settings.acse_timeout
         ae.dimse_timeout = self.settings.dimse_timeout
         ae.network_timeout = self.settings.network_timeout
+        # Each association gets its own contexts in _on_requested; this one
+        # only satisfies start_server, which wants at least one.
         ae.add_supported_context(Verification)
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
@@ -247,6 +348,8 @@ class Listener:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
+        if self.commitment is not None:
+            handlers.append((evt.EVT_N_EVENT_REPORT, self._on_n_event_report))
         tls = self.settings.tls
         if tls is not None:
             # pynetdicom's server wraps each accepted socket (handshake
@@ -261,10 +364,12 @@ class Listener:
         )
         self._ae = ae
         logger.info(
-            "listener started ae_title=%s port=%d tls=%s",
+            "listener started ae_title=%s port=%d tls=%s storage=%s commitment=%s",
             self.settings.ae_title,
             self.port,
             "on" if tls is not None else "off",
+            "on" if self.ingest is not None else "off",
+            "on" if self.commitment is not None else "off",
         )
 
     def stop(self) -> None:
@@ -289,8 +394,9 @@ class Listener:
         _config.STORE_RECV_CHUNKED_DATASET = True
         # Accept every storage SOP class, private and future ones included, in
         # whatever transfer syntax the modality proposes first: the bridge
-        # stores instances as received and never decodes pixel data.
-        _config.UNRESTRICTED_STORAGE_SERVICE = True
+        # stores instances as received and never decodes pixel data. Only for
+        # associations admitted to store; see _AdmissionSwitch.
+        _config.UNRESTRICTED_STORAGE_SERVICE = self._switch
         # STYLE: pynetdicom logs request and response identifiers by default.
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
@@ -298,9 +404,10 @@ class Listener:
         # pointing it at the spool's incoming/ folder keeps it on the spool's
         # filesystem, so adopting a file is a rename, not a second copy. The
         # spool copies instead should this ever not hold.
-        dimse_messages.NamedTemporaryFile = functools.partial(
-            NamedTemporaryFile, dir=self.spool.incoming
-        )
+        if self.spool is not None:
+            dimse_messages.NamedTemporaryFile = functools.partial(
+                NamedTemporaryFile, dir=self.spool.incoming
+            )
 
     def _restore_pynetdicom(self) -> None:
         for name, value in self._saved.items():
@@ -312,12 +419,14 @@ class Listener:
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         try:
-            reason = self._refusal(assoc)
+            reason, admission = self._admission(assoc)
+            if not reason:
+                self._switch.admit(admission)
+                assoc.acceptor.supported_contexts = _contexts_for(admission)
+                return
         except Exception as exc:  # nothing escapes a handler
             logger.error("association check failed error=%s", _describe(exc))
             reason = "error"
-        if not reason:
-            return
         self.stats.association(
             rejected_for=reason,
             calling_ae=assoc.requestor.primitive.calling_ae_title.strip(),
@@ -334,49 +443,108 @@ class Listener:
         assoc.acse.send_reject(*_ASSOC_REJECT[reason])
         assoc.kill()
 
-    def _refusal(self, assoc) -> str:
-        """Return why an association must be refused, or "" to accept it."""
+    def _admission(self, assoc) -> tuple[str, _Admission]:
+        """Return why an association must be refused ("" to accept it), and
+        what it may do when accepted."""
         calling = assoc.requestor.primitive.calling_ae_title.strip()
         called = assoc.requestor.primitive.called_ae_title.strip()
-        if self._allowed:
-            if calling not in self._allowed:
-                return "calling-ae"
-            hosts = self._allowed[calling]
-            if hosts is not None and assoc.requestor.address not in hosts:
-                return "host"
+        host = assoc.requestor.address
+
+        # Who is calling: a caller allowed to store, one allowed to report
+        # storage commitment results, or both.
+        if self.ingest is None:
+            not_storing = "calling-ae"
+        elif self._allowed:
+            not_storing = _caller_refusal(self._allowed, calling, host)
+        else:
+            not_storing = ""
+        not_reporting = _caller_refusal(self._reporters, calling, host)
+        if not_storing and not_reporting:
+            return (
+                "host" if "host" in (not_storing, not_reporting) else "calling-ae"
+            ), _NOTHING
         if self.settings.check_called_ae and called != self.settings.ae_title.strip():
-            return "called-ae"
-        if not self.ingest.admits(calling, called):
-            return "unrouted"
+            return "called-ae", _NOTHING
+        store, report = not not_storing, not not_reporting
+        if store and not self.ingest.admits(calling, called):
+            if not report:
+                return "unrouted", _NOTHING
+            store = False
+
+        # Our own limits. A report association (nothing but commitment and
+        # verification proposed) writes a row to the state store, not the
+        # spool, so it is let in while the disk is short.
         active = [a for a in assoc.ae.active_associations if a.is_acceptor]
         if len(active) > self.settings.max_associations:
-            return "max-associations"
-        if not self._has_room():
-            return "disk-full"
-        return ""
+            return "max-associations", _NOTHING
+        if store and not self._has_room():
+            if not report or _proposes_storage(assoc):
+                return "disk-full", _NOTHING
+            store = False
+        return "", _Admission(store=store, report=report)
 
     def _has_room(self) -> bool:
+        if self.spool is None:
+            return True
         return self.spool.has_room(
             self.settings.min_free_bytes, self.settings.min_free_ratio
         )
 
     def _on_established(self, event: evt.Event) -> None:
+        # The same thread ran _on_requested for this association.
+        calling = event.assoc.requestor.ae_title.strip()
+        admission = self._switch.admission
         with self._lock:
-            self._open.add(id(event.assoc))
-        self.stats.association(calling_ae=event.assoc.requestor.ae_title.strip())
+            self._sessions[id(event.assoc)] = _Session(calling, admission)
+        self.stats.association(calling_ae=calling)
         logger.info(
-            "association accepted calling_ae=%s peer_host=%s",
-            event.assoc.requestor.ae_title,
+            "association accepted calling_ae=%s peer_host=%s storage=%s commitment=%s",
+            calling,
             event.assoc.requestor.address,
+            "yes" if admission.store else "no",
+            "yes" if admission.report else "no",
         )
 
     def _on_closed(self, event: evt.Event) -> None:
         # Rejected associations end here too; count only those established.
         with self._lock:
-            was_open = id(event.assoc) in self._open
-            self._open.discard(id(event.assoc))
-        if was_open:
-            self.stats.closed()
+            session = self._sessions.pop(id(event.assoc), None)
+        if session is None:
+            return
+        self.stats.closed()
+        logger.info(
+            "association ended calling_ae=%s how=%s instances_accepted=%d "
+            "instances_refused=%d bytes=%d commitment_reports=%d seconds=%.1f",
+            session.calling_ae,
+            "released" if event.event == evt.EVT_RELEASED else "aborted",
+            session.accepted,
+            session.refused,
+            session.bytes,
+            session.reports,
+            time.monotonic() - session.started,
+        )
+
+    def _session(self, assoc) -> _Session:
+        with self._lock:
+            found = self._sessions.get(id(assoc))
+        # A request can only come on an established association; an unknown one
+        # (never expected) may do nothing.
+        return found or _Session("", _NOTHING)
+
+    # -- N-EVENT-REPORT ----------------------------------------------------------
+
+    def _on_n_event_report(self, event: evt.Event) -> tuple[int, None]:
+        """Pass a storage commitment result to the commitment recorder."""
+        session = self._session(event.assoc)
+        if not session.admission.report:
+            logger.warning(
+                "commitment report refused reason=%s calling_ae=%s",
+                "not-a-commitment-caller",
+                session.calling_ae,
+            )
+            return NOT_AUTHORIZED, None
+        session.reports += 1
+        return self.commitment.handle(event)
 
     # -- C-STORE -----------------------------------------------------------------
 
@@ -384,9 +552,14 @@ class Listener:
         """Take one instance in; return its DIMSE status (PS3.4 B.2.3)."""
         assoc = event.assoc
         calling = assoc.requestor.ae_title
+        session = self._session(assoc)
         receipt = None
         try:
-            if not self._has_room():
+            if not session.admission.store:
+                # Storage contexts are not offered to such callers; this holds
+                # should a C-STORE come on another context all the same.
+                status, reason, detail = NOT_AUTHORIZED, "not-a-storage-caller", ""
+            elif not self._has_room():
                 status, reason, detail = OUT_OF_RESOURCES, "disk-full", ""
             else:
                 req = event.request
@@ -408,11 +581,16 @@ class Listener:
             status, reason, detail = OUT_OF_RESOURCES, "error", _describe(exc)
 
         self.stats.instance(status, receipt, reason, calling.strip())
+        if status == SUCCESS:
+            session.accepted += 1
+            session.bytes += receipt.size_bytes
+        else:
+            session.refused += 1
         # Recorded (or refused) but not yet answered: the modality never sees
         # this acknowledgement and must send the instance again.
         test_only_crash_point("listener.before-ack")
         if status == SUCCESS:
-            logger.info(
+            logger.debug(
                 "instance %s study=%s bytes=%d",
                 receipt.outcome.value,
                 receipt.study_ref,
@@ -450,6 +628,46 @@ def _allowed_hosts(
                 caller.host
             )
     return allowed
+
+
+def _caller_refusal(
+    allowed: dict[str, frozenset[str] | None], calling: str, host: str
+) -> str:
+    """Return "calling-ae" or "host" when ``allowed`` does not let the caller
+    in, "" when it does."""
+    if calling not in allowed:
+        return "calling-ae"
+    hosts = allowed[calling]
+    if hosts is not None and host not in hosts:
+        return "host"
+    return ""
+
+
+def _contexts_for(admission: _Admission) -> list[PresentationContext]:
+    """Return the presentation contexts to offer an admitted association.
+
+    Storage contexts are not listed: the admission switch lets them in.
+    """
+    contexts = [build_context(Verification)]
+    if admission.report:
+        # PS3.4 J.3.3 and PS3.7 D.3.3.4: the PACS that sends the N-EVENT-REPORT
+        # is the SCP of Storage Commitment Push Model, so it proposes the SCP
+        # role for itself in an SCP/SCU Role Selection item. An acceptor's
+        # scu_role and scp_role say which of the requestor's proposed roles
+        # pynetdicom agrees to; with both set, whatever the PACS proposes is
+        # taken up, and a PACS proposing no role at all is let in as well.
+        commitment = build_context(StorageCommitmentPushModel)
+        commitment.scu_role = True
+        commitment.scp_role = True
+        contexts.append(commitment)
+    return contexts
+
+
+def _proposes_storage(assoc) -> bool:
+    """Return True when the association proposes anything besides verification
+    and storage commitment."""
+    proposed = assoc.requestor.primitive.presentation_context_definition_list
+    return any(cx.abstract_syntax not in _REPORT_CLASSES for cx in proposed)
 
 
 def _resolve(host: str) -> frozenset[str]:
