@@ -19,13 +19,13 @@ import os
 import re
 import types
 import typing
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from bridge.config_checks import cross_check, env_name, show_value
 from bridge.errors import ConfigError
 
 _SIZE_UNITS = {
@@ -40,8 +40,7 @@ _SIZE_UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: no backslash
+_Policy = Literal["required", "verified-if-present", "ignored"]
 
 
 class Size(int):
@@ -98,6 +97,10 @@ class NodeSettings:
     data_dir: Path = Path("jmix-bridge-data")
     keys: Path | None = None  # default: data_dir/keys
     generate_keys: bool = False
+    # written, signed, into every sender assertion (docs/governance.md 3)
+    key_reference: str = ""
+    # a directory's attestation of our signing key (``jmix-bridge attest``)
+    directory_attestation: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -109,11 +112,12 @@ class StoreSettings:
 
 @dataclass(frozen=True)
 class SpoolSettings:
-    """The spool folder and its free-disk watermark."""
+    """The spool folder, its free-disk watermark and how long finished work stays."""
 
     path: Path | None = None  # default: data_dir/spool
     min_free_bytes: Size = Size(1 * 2**30)
     min_free_ratio: float = 0.02
+    retention_hours: float = 168.0  # 0 keeps everything
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,7 @@ class RouteSettings:
     max_age_seconds: float = 3600.0
     # each: {keyword: glob or globs}, or a plain SeriesDescription glob
     required_series: tuple[dict[str, str | tuple[str, ...]] | str, ...] = ()
+    requester: Path | None = None  # a signed request file (``jmix-bridge request``)
 
 
 @dataclass(frozen=True)
@@ -183,8 +188,10 @@ class PeerSettings:
     name: str
     entity: EntitySettings
     encryption_key: Path  # the peer's encryption.pub
+    encryption_key_fingerprint: str = ""  # when set, encryption_key must match
     url: str = ""  # the peer's base address; envelopes go to <url>/api/jmix
     signing_key: Path | None = None  # the peer's signing.pub, checks its receipts
+    signing_key_fingerprint: str = ""  # when set, signing_key must match
     transport: Literal["http", "drop"] = "http"
     drop_folder: Path | None = None
     token: Secret = _secret_field()
@@ -196,12 +203,39 @@ class PeerSettings:
 
 
 @dataclass(frozen=True)
+class PinnedKey:
+    """A pinned Ed25519 public key file and the id it speaks for."""
+
+    id: str
+    key: Path
+
+
+@dataclass(frozen=True)
+class GovernanceSettings:
+    """What a receiver requires of one sender's governance elements.
+
+    Each is "required", "verified-if-present" or "ignored"
+    (docs/governance.md section 5); the attestation policy "auto" means
+    "verified-if-present" when directory keys are configured, else "ignored".
+    """
+
+    requester: _Policy = "verified-if-present"
+    attestation: Literal["auto", "required", "verified-if-present", "ignored"] = "auto"
+    key_reference: _Policy = "verified-if-present"
+    audit: _Policy = "verified-if-present"
+
+
+@dataclass(frozen=True)
 class SenderSettings:
     """A remote site this bridge accepts envelopes from."""
 
     name: str
     id: str
     signing_keys: tuple[Path, ...] = ()
+    signing_key_fingerprints: tuple[str, ...] = ()  # when set, pins signing_keys
+    key_reference: str = ""  # the reference its assertions must name
+    requester_keys: tuple[PinnedKey, ...] = ()
+    governance: GovernanceSettings = field(default_factory=GovernanceSettings)
     token: Secret = _secret_field()
     client_cert_sha256: str = ""
     trust: Literal["signed", "transport"] = "signed"
@@ -232,6 +266,8 @@ class ReceivingSettings:
     expiry: Literal["reject", "warn"] = "reject"
     destinations: tuple[str, ...] = ()  # default: every destination
     inbox_folder: Path | None = None  # drop-folder transport, watched
+    directory_keys: tuple[PinnedKey, ...] = ()  # by provider name
+    audit_node_keys: tuple[PinnedKey, ...] = ()  # other nodes that sign audit entries
 
 
 @dataclass(frozen=True)
@@ -343,7 +379,7 @@ def _build(cls, data: Any, path: str, problems: list[str], base: Path):
     """Build dataclass ``cls`` from ``data``, appending problems; None on failure."""
     where = path or "(top level)"
     if not isinstance(data, dict):
-        problems.append(f"{where}: expected a mapping, got {_show(data)}")
+        problems.append(f"{where}: expected a mapping, got {show_value(data)}")
         return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
@@ -394,12 +430,12 @@ def _convert(hint, value, path: str, problems: list[str], base: Path):
         if value not in args:
             problems.append(
                 f"{path}: expected one of {', '.join(map(str, args))}, "
-                f"got {_show(value)}"
+                f"got {show_value(value)}"
             )
         return value
     if origin is tuple:
         if not isinstance(value, list):
-            problems.append(f"{path}: expected a list, got {_show(value)}")
+            problems.append(f"{path}: expected a list, got {show_value(value)}")
             return ()
         items = (
             _convert(args[0], item, f"{path}[{i}]", problems, base)
@@ -414,7 +450,7 @@ def _convert(hint, value, path: str, problems: list[str], base: Path):
         ):
             problems.append(
                 f"{path}: expected a mapping of keywords to a pattern or a list of "
-                f"patterns, got {_show(value)}"
+                f"patterns, got {show_value(value)}"
             )
             return {}
         return {
@@ -438,30 +474,30 @@ def _scalar(hint, value, path: str, problems: list[str], base: Path):
         if size is None:
             problems.append(
                 f"{path}: expected a size such as 1073741824 or "
-                f"'1 GiB', got {_show(value)}"
+                f"'1 GiB', got {show_value(value)}"
             )
         return size
     if hint is bool:
         if not isinstance(value, bool):
-            problems.append(f"{path}: expected true or false, got {_show(value)}")
+            problems.append(f"{path}: expected true or false, got {show_value(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{path}: expected an integer, got {_show(value)}")
+            problems.append(f"{path}: expected an integer, got {show_value(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            problems.append(f"{path}: expected a number, got {_show(value)}")
+            problems.append(f"{path}: expected a number, got {show_value(value)}")
             return value
         return float(value)
     if hint is Path:
         if not isinstance(value, str) or not value:
-            problems.append(f"{path}: expected a path, got {_show(value)}")
+            problems.append(f"{path}: expected a path, got {show_value(value)}")
             return Path()
         return (base / Path(value).expanduser()).resolve()
     if hint in (str, Secret):
         if not isinstance(value, str):
-            problems.append(f"{path}: expected a string, got {_show(value)}")
+            problems.append(f"{path}: expected a string, got {show_value(value)}")
         return hint(value) if isinstance(value, str) else value
     raise TypeError(f"no converter for {hint}")  # a bug in the dataclasses above
 
@@ -480,16 +516,6 @@ def _parse_size(value) -> Size | None:
 
 def _join(path: str, key) -> str:
     return f"{path}.{key}" if path else str(key)
-
-
-def _show(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def env_name(section: str, name: str) -> str:
-    """Return the environment variable that overrides a token."""
-    return f"JMIX_BRIDGE_{section}_{re.sub(r'[^A-Z0-9]', '_', name.upper())}_TOKEN"
 
 
 def _apply_env(config: Config, env) -> Config:
@@ -515,196 +541,6 @@ def _apply_env(config: Config, env) -> Config:
     )
 
 
-# -- cross checks ----------------------------------------------------------------
-
-
-def cross_check(config: Config, *, check_files: bool = True) -> list[str]:
-    """Return the problems that span several keys or touch the filesystem."""
-    problems: list[str] = []
-    _check_port("dicom.port", config.dicom.port, problems)
-    _check_port("http.port", config.http.port, problems)
-    if not _AE.match(config.dicom.ae_title) or config.dicom.ae_title.strip() == "":
-        problems.append(
-            f"dicom.ae_title: expected 1-16 printable characters without "
-            f"backslash, got {_show(config.dicom.ae_title)}"
-        )
-    if config.dicom.max_associations < 1:
-        problems.append(
-            "dicom.max_associations: expected at least 1, got "
-            f"{config.dicom.max_associations}"
-        )
-    if not 0 <= config.spool.min_free_ratio < 1:
-        problems.append(
-            "spool.min_free_ratio: expected a number from 0 to 1, got "
-            f"{config.spool.min_free_ratio}"
-        )
-
-    peer_names = _unique("peers", [p.name for _, p in _items(config.peers)], problems)
-    _unique("senders", [s.name for _, s in _items(config.senders)], problems)
-    dest_names = _unique(
-        "destinations", [d.name for _, d in _items(config.destinations)], problems
-    )
-    _unique("routes", [r.name for _, r in _items(config.routes)], problems)
-
-    for i, route in _items(config.routes):
-        where = f"routes[{i}]"
-        if not route.peers:
-            problems.append(f"{where}.peers: expected at least one peer")
-        for j, peer in enumerate(route.peers):
-            if peer not in peer_names:
-                problems.append(
-                    f"{where}.peers[{j}]: no peer named {peer!r} "
-                    f"(peers: {', '.join(sorted(peer_names)) or 'none'})"
-                )
-        if route.quiet_seconds <= 0 or route.max_age_seconds <= 0:
-            problems.append(
-                f"{where}: quiet_seconds and max_age_seconds must be positive"
-            )
-    for i, peer in _items(config.peers):
-        where = f"peers[{i}]"
-        if peer.transport == "http" and not re.match(r"^https?://", peer.url):
-            problems.append(
-                f"{where}.url: expected an http:// or https:// URL, got "
-                f"{_show(peer.url)}"
-            )
-        if peer.transport == "drop" and peer.drop_folder is None:
-            problems.append(f"{where}.drop_folder: required when transport is drop")
-        if (
-            peer.transport == "http"
-            and not peer.token
-            and not (peer.tls and peer.tls.cert)
-        ):
-            problems.append(
-                f"{where}: needs a token or a client certificate (tls.cert); set "
-                f"token or {env_name('PEER', peer.name)}"
-            )
-        _check_ranges(where, peer, problems)
-        if check_files:
-            _check_writable(f"{where}.drop_folder", peer.drop_folder, problems)
-            _check_file(f"{where}.encryption_key", peer.encryption_key, problems)
-            _check_file(f"{where}.signing_key", peer.signing_key, problems)
-            _check_tls(f"{where}.tls", peer.tls, problems)
-    for i, sender in _items(config.senders):
-        where = f"senders[{i}]"
-        if sender.trust == "signed" and not sender.signing_keys:
-            problems.append(f"{where}.signing_keys: required with trust 'signed'")
-        if not sender.token and not sender.client_cert_sha256:
-            problems.append(
-                f"{where}: needs a token or client_cert_sha256 "
-                f"(or {env_name('SENDER', sender.name)})"
-            )
-        pin = sender.client_cert_sha256.replace(":", "")
-        if pin and not re.fullmatch(r"[0-9A-Fa-f]{64}", pin):
-            problems.append(
-                f"{where}.client_cert_sha256: expected 64 hex digits "
-                f"(colons allowed), got {_show(sender.client_cert_sha256)}"
-            )
-        if sender.reply_peer and sender.reply_peer not in peer_names:
-            problems.append(f"{where}.reply_peer: no peer named {sender.reply_peer!r}")
-        if check_files:
-            for j, key in enumerate(sender.signing_keys):
-                _check_file(f"{where}.signing_keys[{j}]", key, problems)
-    for i, dest in _items(config.destinations):
-        _check_port(f"destinations[{i}].port", dest.port, problems)
-        if check_files:
-            _check_tls(f"destinations[{i}].tls", dest.tls, problems)
-    for j, name in enumerate(config.receiving.destinations):
-        if name not in dest_names:
-            problems.append(
-                f"receiving.destinations[{j}]: no destination named {name!r}"
-            )
-    for i, dest in _items(config.destinations):
-        _check_ranges(f"destinations[{i}]", dest, problems)
-        if dest.dimse_timeout <= 0:
-            problems.append(
-                f"destinations[{i}].dimse_timeout: expected a positive "
-                f"number of seconds, got {dest.dimse_timeout}"
-            )
-    for where, tls in (("dicom.tls", config.dicom.tls), ("http.tls", config.http.tls)):
-        if tls is not None and tls.cert is None:
-            # A server section without its certificate would serve in the clear.
-            problems.append(f"{where}.cert: a server needs its certificate and key")
-        if tls is not None and tls.require_client_cert and tls.ca is None:
-            problems.append(
-                f"{where}.require_client_cert: needs {where}.ca, the "
-                "certificates that may issue client certificates"
-            )
-    if config.dicom.max_pdu < 0:
-        problems.append(
-            f"dicom.max_pdu: expected 0 (unlimited) or more, got {config.dicom.max_pdu}"
-        )
-    _check_store_url(config.store_url, problems)
-    _check_token_names(config, problems)
-    if check_files:
-        _check_tls("dicom.tls", config.dicom.tls, problems)
-        _check_tls("http.tls", config.http.tls, problems)
-        _check_keys(config, problems)
-        _check_writable("node.data_dir", config.node.data_dir, problems)
-        _check_writable("spool.path", config.spool.path, problems)
-        _check_writable(
-            "receiving.inbox_folder", config.receiving.inbox_folder, problems
-        )
-    return problems
-
-
-def _check_ranges(where: str, settings, problems: list[str]) -> None:
-    """Check a peer's or destination's retry and circuit numbers."""
-    retry, circuit = settings.retry, settings.circuit
-    if retry.factor < 1:
-        problems.append(f"{where}.retry.factor: expected 1 or more, got {retry.factor}")
-    for name in ("initial_seconds", "max_seconds", "max_age_seconds"):
-        if getattr(retry, name) < 0:
-            problems.append(
-                f"{where}.retry.{name}: expected 0 or more seconds, got "
-                f"{getattr(retry, name)}"
-            )
-    if retry.max_attempts < 1:
-        problems.append(
-            f"{where}.retry.max_attempts: expected 1 or more, got {retry.max_attempts}"
-        )
-    if circuit.failures_to_open < 1 or circuit.open_seconds < 0:
-        problems.append(
-            f"{where}.circuit: expected failures_to_open of 1 or more "
-            "and open_seconds of 0 or more"
-        )
-    timeout = getattr(settings, "timeout_seconds", 1.0)
-    if timeout <= 0:
-        problems.append(
-            f"{where}.timeout_seconds: expected a positive number, got {timeout}"
-        )
-
-
-def _check_store_url(url: str, problems: list[str]) -> None:
-    if url.startswith("sqlite:///") or "://" not in url:
-        return
-    scheme = url.split("://", 1)[0]
-    if scheme not in ("postgresql", "postgres"):
-        problems.append(
-            f"store.url: scheme {scheme!r} is not supported, expected "
-            "sqlite:///PATH or postgresql://HOST/DBNAME"
-        )
-    elif urllib.parse.urlsplit(url).password or "password=" in url:
-        # Like every secret of the bridge, kept out of the file (docs/postgres.md).
-        problems.append(
-            "store.url: a password in the url is refused; give it in "
-            "PGPASSWORD or a passfile"
-        )
-
-
-def _check_token_names(config: Config, problems: list[str]) -> None:
-    """Two names that map to one token variable would share a secret."""
-    for section, items in (("PEER", config.peers), ("SENDER", config.senders)):
-        seen: dict[str, str] = {}
-        for _, item in _items(items):
-            var = env_name(section, item.name)
-            if var in seen and seen[var] != item.name:
-                problems.append(
-                    f"{item.name!r} and {seen[var]!r} both read their "
-                    f"token from {var}; rename one"
-                )
-            seen.setdefault(var, item.name)
-
-
 def _resolve_store(config: Config, base: Path) -> Config:
     """Take a relative ``sqlite:///`` path relative to the configuration's folder."""
     url = config.store.url
@@ -712,73 +548,3 @@ def _resolve_store(config: Config, base: Path) -> Config:
         path = (base / url.removeprefix("sqlite:///")).resolve()
         return dataclasses.replace(config, store=StoreSettings(url=f"sqlite:///{path}"))
     return config
-
-
-def _items(seq) -> list[tuple[int, Any]]:
-    """Return ``(index, item)`` for the items that were built (not None)."""
-    return [(i, item) for i, item in enumerate(seq) if item is not None]
-
-
-def _check_port(where: str, port, problems: list[str]) -> None:
-    if isinstance(port, int) and not 0 <= port <= 65535:
-        problems.append(f"{where}: expected an integer 0-65535, got {port}")
-
-
-def _unique(where: str, names: list[str], problems: list[str]) -> set[str]:
-    seen: set[str] = set()
-    for i, name in enumerate(names):
-        if not _NAME.match(name):
-            problems.append(
-                f"{where}[{i}].name: expected letters, digits, '.', '_' "
-                f"or '-' (up to 64), got {_show(name)}"
-            )
-        if name in seen:
-            problems.append(f"{where}[{i}].name: {name!r} is used twice")
-        seen.add(name)
-    return seen
-
-
-def _check_file(
-    where: str, path: Path | None, problems: list[str], private: bool = False
-) -> None:
-    if path is None:
-        return
-    if not path.is_file():
-        problems.append(f"{where}: no such file: {path}")
-        return
-    if not os.access(path, os.R_OK):
-        problems.append(f"{where}: not readable: {path}")
-        return
-    if private and path.stat().st_mode & 0o077:
-        problems.append(
-            f"{where}: {path} is readable by group or others "
-            f"(mode {path.stat().st_mode & 0o777:o}); chmod 600 it"
-        )
-
-
-def _check_tls(where: str, tls: TLSFiles | None, problems: list[str]) -> None:
-    if tls is None:
-        return
-    if (tls.cert is None) != (tls.key is None):
-        problems.append(f"{where}: cert and key go together")
-    _check_file(f"{where}.cert", tls.cert, problems)
-    _check_file(f"{where}.key", tls.key, problems, private=True)
-    _check_file(f"{where}.ca", tls.ca, problems)
-
-
-def _check_keys(config: Config, problems: list[str]) -> None:
-    keys = config.keys_dir
-    if config.node.generate_keys and not (keys / "signing.key").exists():
-        return  # created at start-up
-    for name in ("signing.key", "encryption.key"):
-        _check_file(f"node.keys ({name})", keys / name, problems, private=True)
-
-
-def _check_writable(where: str, folder: Path | None, problems: list[str]) -> None:
-    if folder is None:
-        return
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        problems.append(f"{where}: {folder} cannot be created or written")
