@@ -9,6 +9,7 @@ restart picks every unfinished job up again.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import ssl
@@ -22,6 +23,8 @@ from bridge.config import (
     Config,
     DestinationSettings,
     PeerSettings,
+    PinnedKey,
+    ReceivingSettings,
     RetrySettings,
     SenderSettings,
     TLSFiles,
@@ -36,7 +39,7 @@ from bridge.dicom.listener import (
 from bridge.ingest.assembler import Assembler
 from bridge.ingest.ingest import Ingest, IngestSettings
 from bridge.ingest.routing import RouteRule, Unrouted
-from bridge.ingest.sealer import PeerEnvelopeSettings, Sealer
+from bridge.ingest.sealer import PeerEnvelopeSettings, Sealer, SenderGovernance
 from bridge.jmix import (
     Entity,
     KeyDir,
@@ -46,10 +49,12 @@ from bridge.jmix import (
     load_encryption_public,
     load_key_dir,
     load_signing_public,
+    read_request,
 )
 from bridge.ops.context import OpsContext
 from bridge.ops.health import standard_checks
 from bridge.ops.metrics import Metrics
+from bridge.ops.retention import Janitor
 from bridge.ops.routes import add_ops_routes
 from bridge.peer import settings as peer_settings
 from bridge.peer.client import PeerClient
@@ -154,6 +159,68 @@ def inbound_sender(settings: SenderSettings) -> peer_settings.InboundSender:
     )
 
 
+def pins(keys: tuple[PinnedKey, ...]) -> TrustStore | None:
+    """Map configured ``{id, key}`` pins onto a trust store (None when empty)."""
+    return TrustStore([(k.id, k.key) for k in keys]) or None
+
+
+def sender_trust(
+    settings: SenderSettings, receiving: ReceivingSettings, node_id: str
+) -> SenderTrust:
+    """Map a configured sender onto the keys and policy its envelopes meet."""
+    reference = settings.key_reference or None
+    governance = settings.governance
+    attestation = governance.attestation
+    policy = OpenPolicy(
+        require_encryption=settings.require_encryption,
+        expiry=receiving.expiry,
+        expected_receiver_id=node_id,
+        trust=settings.trust,
+        requester=governance.requester,
+        requester_trust=pins(settings.requester_keys),
+        attestation=None if attestation == "auto" else attestation,
+        directory_trust=pins(receiving.directory_keys),
+        key_reference=governance.key_reference,
+        audit=governance.audit,
+        audit_trust=pins(receiving.audit_node_keys),
+    )
+    trust = TrustStore([(settings.id, key, reference) for key in settings.signing_keys])
+    return SenderTrust(settings.name, trust, policy)
+
+
+def sender_governance(config: Config) -> SenderGovernance:
+    """Map this node's key reference, attestation and route requests for the sealer.
+
+    Raises OSError or a BridgeError when a file cannot be read; check-config
+    has read each one before.
+    """
+    node = config.node
+    attestation = None
+    if node.directory_attestation is not None:
+        attestation = json.loads(node.directory_attestation.read_bytes())
+    return SenderGovernance(
+        key_reference=node.key_reference or None,
+        attestation=attestation,
+        requests={
+            r.name: read_request(r.requester)
+            for r in config.routes
+            if r.requester is not None
+        },
+    )
+
+
+def node_entity(config: Config) -> Entity:
+    """This node as manifests and audit entries name it."""
+    node = config.node
+    return Entity(node.id, node.name, node.contact)
+
+
+def peer_entity(settings: PeerSettings) -> Entity:
+    """A peer's entity as manifests and audit entries name it."""
+    entity = settings.entity
+    return Entity(entity.id, entity.name or entity.id, entity.contact or "unknown")
+
+
 def route_rule(settings) -> RouteRule:
     """Map a configured route onto the ingest's route rule."""
     return RouteRule(
@@ -229,6 +296,8 @@ class Parts:
     http: PeerServer | None = None
     assembler: Assembler | None = None
     inbox: InboxWatcher | None = None
+    janitor: Janitor | None = None
+    senders: dict[str, SenderTrust] = field(default_factory=dict)
     workers: dict[str, Worker] = field(default_factory=dict)
     breakers: dict[str, BreakerBoard] = field(default_factory=dict)
     clients: list = field(default_factory=list)  # things with close()
@@ -255,8 +324,15 @@ class Bridge:
         keys, self.keys_created = ensure_keys(cfg)
         store = open_store(cfg.store_url)
         parts = Parts(store, Spool(cfg.spool_dir), keys, Metrics(cfg))
+        parts.senders = {
+            s.name: sender_trust(s, cfg.receiving, cfg.node.id) for s in cfg.senders
+        }
         self.parts = parts
         try:
+            parts.janitor = Janitor(
+                store, parts.spool, cfg.spool.retention_hours * 3600.0
+            )
+            parts.janitor.start()
             self._start_workers(parts)
             self._start_ingress(parts)
             self._start_http(parts)
@@ -290,15 +366,11 @@ class Bridge:
 
     def _sending_specs(self, parts: Parts) -> list[WorkerSpec]:
         cfg = self.config
-        node = cfg.node
+        node = node_entity(cfg)
         peers = {
             p.name: PeerEnvelopeSettings(
                 name=p.name,
-                receiver=Entity(
-                    p.entity.id,
-                    p.entity.name or p.entity.id,
-                    p.entity.contact or "unknown",
-                ),
+                receiver=peer_entity(p),
                 recipient_public=load_encryption_public(p.encryption_key),
                 dialect=p.dialect,
             )
@@ -307,15 +379,21 @@ class Bridge:
         sealer = Sealer(
             parts.store,
             parts.spool,
-            Entity(node.id, node.name, node.contact),
+            node,
             parts.keys.signing_key,
             peers,
             on_built=lambda peer, size, stages: parts.metrics.envelope_built(
                 peer, size, stages
             ),
+            governance=sender_governance(cfg),
         )
         deliverer = Deliverer(
-            parts.store, parts.spool, [peer_transport(p) for p in cfg.peers]
+            parts.store,
+            parts.spool,
+            [peer_transport(p) for p in cfg.peers],
+            node=node,
+            signing_key=parts.keys.signing_key,
+            receivers={p.name: p.receiver for p in peers.values()},
         )
         parts.clients.append(deliverer)
         board = BreakerBoard(breaker_policy(cfg.peers[0]))
@@ -334,25 +412,18 @@ class Bridge:
 
     def _receiving_specs(self, parts: Parts) -> list[WorkerSpec]:
         cfg = self.config
-        senders = {}
-        for s in cfg.senders:
-            trust = TrustStore([(s.id, key) for key in s.signing_keys])
-            policy = OpenPolicy(
-                require_encryption=s.require_encryption,
-                expiry=cfg.receiving.expiry,
-                expected_receiver_id=cfg.node.id,
-                trust=s.trust,
-            )
-            senders[s.name] = SenderTrust(s.name, trust, policy)
+        node = node_entity(cfg)
         names = list(cfg.receiving.destinations) or [d.name for d in cfg.destinations]
         dests = {d.name: destination(d) for d in cfg.destinations if d.name in names}
         opener = Opener(
             parts.store,
             parts.spool,
             parts.keys.encryption_key,
-            senders,
+            parts.senders,
             names,
             on_outcome=parts.metrics.envelope_received,
+            node=node,
+            signing_key=parts.keys.signing_key,
         )
 
         def forwarded(name, result) -> None:
@@ -370,6 +441,8 @@ class Bridge:
             dests,
             on_result=forwarded,
             receipts=any(s.reply_peer for s in cfg.senders),
+            node=node,
+            signing_key=parts.keys.signing_key,
         )
         specs = [
             WorkerSpec("open", opener),
@@ -454,7 +527,13 @@ class Bridge:
             max_body_bytes=http.max_body_bytes,
         )
         senders = [inbound_sender(s) for s in cfg.senders]
-        intake = Intake(parts.store, parts.spool, senders)
+        intake = Intake(
+            parts.store,
+            parts.spool,
+            senders,
+            trust={name: s.trust for name, s in parts.senders.items()},
+            policies={name: s.policy for name, s in parts.senders.items()},
+        )
         app: web.Application = create_app(server, senders, intake)
         trust_by_peer = {
             p.name: TrustStore([(p.entity.id, load_signing_public(p.signing_key))])
@@ -501,7 +580,13 @@ class Bridge:
         parts = self.parts
         if parts is None:
             return
-        for door in (parts.listener, parts.inbox, parts.http, parts.assembler):
+        for door in (
+            parts.listener,
+            parts.inbox,
+            parts.http,
+            parts.assembler,
+            parts.janitor,
+        ):
             if door is not None:
                 door.stop()
         for worker in parts.workers.values():

@@ -6,6 +6,7 @@ import pytest
 
 from bridge import jmix
 from bridge.errors import MalformedEnvelope
+from bridge.jmix import audit as audit_module
 from bridge.jmix.audit import read_audit, stamp_sent, verify_audit
 from tests.support.peer_env import SITE_A, SITE_B, make_key_dirs, pack_envelope
 
@@ -75,3 +76,26 @@ def test_zip_that_does_not_end_with_its_audit_is_refused(packed, tmp_path):
 
     with pytest.raises(MalformedEnvelope):
         _stamp(result, keys)
+
+
+def test_a_rewrite_cut_short_by_a_crash_is_undone_before_the_next_stamp(packed):
+    result, keys = packed
+    _stamp(result, keys)
+    size = result.path.stat().st_size
+    with zipfile.ZipFile(result.path) as zf:
+        offset = zf.infolist()[-1].header_offset
+    # What a crash half way through a rewrite leaves: the journal of the old
+    # tail, and the zip cut off after a few bytes of the new one.
+    audit_module._save_tail(result.path, offset)
+    with open(result.path, "rb+") as fh:
+        fh.truncate(offset + 10)
+    with pytest.raises(zipfile.BadZipFile):
+        zipfile.ZipFile(result.path)
+
+    _stamp(result, keys)
+
+    assert not result.path.with_name(result.path.name + ".tail").exists()
+    assert result.path.stat().st_size == size
+    with zipfile.ZipFile(result.path) as zf:
+        assert zf.testzip() is None
+    assert [e["event"] for e in read_audit(result.path)["audit"]] == ["created", "sent"]

@@ -7,6 +7,11 @@ the retry and records it instead of building a second envelope. Recording the
 envelope and queueing its ``deliver`` job happen in the same transaction as the
 job's completion. A study that cannot go in one envelope (instances that
 disagree on Patient ID, say) is held for an operator with the reason.
+
+The governance elements of :class:`SenderGovernance` go into every envelope:
+this node's ``key_reference`` and directory attestation in the sender
+assertion, and the signed request of the study's route, passed through as its
+requester (docs/governance.md).
 """
 
 from __future__ import annotations
@@ -14,15 +19,15 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from bridge.errors import UnpackableStudy
 from bridge.faults import test_only_crash_point
-from bridge.jmix import Entity, pack
+from bridge.jmix import Entity, Request, pack
 from bridge.peer.deliver import deliver_job
 from bridge.spool import Spool
 from bridge.store import Envelope, Job, Store
@@ -47,6 +52,19 @@ class PeerEnvelopeSettings:
     dialect: str = "spec"
 
 
+@dataclass(frozen=True)
+class SenderGovernance:
+    """What the sealer adds to the envelopes it builds; empty adds nothing.
+
+    ``requests`` maps a route's name to the signed request whose requester its
+    envelopes carry.
+    """
+
+    key_reference: str | None = None
+    attestation: dict | None = None
+    requests: Mapping[str, Request] = field(default_factory=dict)
+
+
 def envelope_id_for(job_key: str) -> str:
     """Return the envelope id a seal job always builds (stable across retries)."""
     return str(uuid.uuid5(_ENVELOPE_NAMESPACE, job_key))
@@ -63,7 +81,9 @@ class Sealer:
         signing_key: Ed25519PrivateKey,
         peers: dict[str, PeerEnvelopeSettings],
         on_built: BuiltHook | None = None,
+        governance: SenderGovernance | None = None,
     ):
+        self.governance = governance or SenderGovernance()
         self.store = store
         self.spool = spool
         self.sender = sender
@@ -100,6 +120,9 @@ class Sealer:
                     dialect=peer.dialect,
                     envelope_id=env_id,
                     progress=_test_only_mid_pack,
+                    request=self.governance.requests.get(study.route),
+                    key_reference=self.governance.key_reference,
+                    attestation=self.governance.attestation,
                 )
             except UnpackableStudy as exc:
                 self.store.hold_study(ref, f"cannot be packed: {exc}")

@@ -23,6 +23,7 @@ import copy
 import fcntl
 import hashlib
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -375,8 +376,15 @@ def stamp_sent(
     by an earlier attempt that failed is replaced rather than repeated. Returns
     the new audit document. Raises MalformedEnvelope when the zip does not end
     with its audit.
+
+    The rewrite is journalled: the old tail (audit entry and central
+    directory) is saved beside the zip, fsynced, before the zip is touched, and
+    removed once the new tail is on disk. A crash in between leaves the
+    journal, and the next call puts the old tail back before it starts, so a
+    crash never leaves an envelope that cannot be read.
     """
     path = Path(zip_path)
+    _restore_tail(path)
     with zipfile.ZipFile(path) as zf:
         last = zf.infolist()[-1] if zf.infolist() else None
         if last is None or not last.filename.endswith("audit.json"):
@@ -392,6 +400,7 @@ def stamp_sent(
         doc, SENT, by=by, to=to, key=key, envelope_id=manifest["id"], when=when
     )
 
+    _save_tail(path, last.header_offset)
     with zipfile.ZipFile(path, "a") as zf:
         # Drop the old trailing entry from the central directory and write the
         # new one where it began; closing writes the directory and truncates.
@@ -405,4 +414,44 @@ def stamp_sent(
         zf.writestr(info, dump_json(doc), compress_type=zipfile.ZIP_STORED)
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
+    _tail_journal(path).unlink()
     return doc
+
+
+def _tail_journal(path: Path) -> Path:
+    return path.with_name(path.name + ".tail")
+
+
+def _save_tail(path: Path, offset: int) -> None:
+    """Write the zip's bytes from ``offset`` on, and the offset, to its journal."""
+    journal = _tail_journal(path)
+    tmp = journal.with_name(journal.name + ".tmp")
+    with open(path, "rb") as src, open(tmp, "wb") as out:
+        src.seek(offset)
+        out.write(offset.to_bytes(8, "big"))
+        shutil.copyfileobj(src, out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, journal)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _restore_tail(path: Path) -> None:
+    """Undo a rewrite that a crash interrupted: put the journalled tail back."""
+    journal = _tail_journal(path)
+    try:
+        saved = journal.read_bytes()
+    except FileNotFoundError:
+        return
+    offset = int.from_bytes(saved[:8], "big")
+    with open(path, "rb+") as fh:
+        fh.seek(offset)
+        fh.write(saved[8:])
+        fh.truncate()
+        fh.flush()
+        os.fsync(fh.fileno())
+    journal.unlink()

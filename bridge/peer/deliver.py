@@ -9,6 +9,10 @@ success marks the outgoing envelope ``delivered``. Failures are raised as
 RetryableTransportError or PermanentTransportError and the generic worker
 (:mod:`bridge.workers.base`) schedules the retry or parks the job.
 
+Given this node's entity and signing key, the handler first writes a signed
+``sent`` entry (to the peer, now) into the zip's audit trail
+(:func:`bridge.jmix.audit.stamp_sent`); a retry replaces it.
+
 Delivering twice is harmless: the peer answers 409 to an id it holds, which
 counts as delivered, and a drop folder's reader ignores an id it has seen.
 """
@@ -17,10 +21,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bridge.errors import SpoolError
 from bridge.faults import test_only_crash_point
+from bridge.jmix import Entity
+from bridge.jmix.audit import stamp_sent
 from bridge.peer.client import PeerClient
 from bridge.peer.dropfolder import drop_envelope
 from bridge.peer.settings import PeerSettings
@@ -49,9 +57,23 @@ class Deliverer:
 
     Call it as the worker's handler: ``Deliverer(...)(job, ctx) -> Outcome``.
     Keeps one HTTP client (connection pool) per peer; :meth:`close` closes them.
+    With ``node`` and ``signing_key``, each envelope gets a ``sent`` audit entry
+    naming the peer's entity from ``receivers`` (by peer name).
     """
 
-    def __init__(self, store: Store, spool: Spool, peers: Iterable[PeerSettings]):
+    def __init__(
+        self,
+        store: Store,
+        spool: Spool,
+        peers: Iterable[PeerSettings],
+        *,
+        node: Entity | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
+        receivers: Mapping[str, Entity] | None = None,
+    ):
+        self.node = node
+        self.signing_key = signing_key
+        self.receivers = dict(receivers or {})
         self.store = store
         self.spool = spool
         self.peers = {p.name: p for p in peers}
@@ -82,6 +104,9 @@ class Deliverer:
         if not path.is_file():
             return Outcome.dead(f"envelope {envelope_id}: file missing from the spool")
 
+        receiver = self.receivers.get(name)
+        if self.node and self.signing_key and receiver:
+            stamp_sent(path, by=self.node, to=receiver, key=self.signing_key)
         test_only_crash_point("deliver.before-send")
         if peer.transport == "drop":
             drop_envelope(path, peer.drop_folder, envelope_id)
