@@ -22,7 +22,7 @@ from bridge.ingest import Ingest, IngestSettings, RouteRule
 from bridge.spool import Spool
 from bridge.store import SQLiteStore
 from tests.support.compare import dataset_bytes
-from tests.support.dcmtk import dcmtk_env, dcmtk_tool, echoscu
+from tests.support.dcmtk import echoscu, store_answers, storescu
 from tests.support.sites import (
     LinkProxy,
     Pacs,
@@ -65,31 +65,8 @@ class Ingress:
 
 def send_verbose(port: int, files: list[Path]) -> dict[Path, str]:
     """Send ``files`` with storescu; return the answer each file got."""
-    proc = subprocess.run(
-        [
-            dcmtk_tool("storescu"),
-            "-v",
-            "-aet",
-            "MODALITY",
-            "-aec",
-            "JMIXBRIDGE",
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
-        env=dcmtk_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    answers, sending = {}, None
-    for line in proc.stderr.splitlines():
-        if "Sending file: " in line:
-            sending = Path(line.split("Sending file: ", 1)[1].strip())
-        elif "Received Store Response" in line and sending is not None:
-            answers[sending] = "success" if "(Success)" in line else line
-    return answers
+    sent = storescu(port, files, extra=("-v",))
+    return dict(store_answers(sent.stderr.splitlines()))
 
 
 def assert_acknowledged_are_intact(

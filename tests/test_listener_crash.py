@@ -11,7 +11,7 @@ import pytest
 
 from bridge.spool import Spool
 from bridge.store import SQLiteStore
-from tests.support.dcmtk import dcmtk_env, dcmtk_tool, storescu
+from tests.support.dcmtk import dcmtk_env, store_answers, storescu, storescu_args
 from tests.support.studies import make_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,29 +55,16 @@ def test_every_acknowledged_instance_survives_kill_9(tmp_path):
     bridge = IngressProcess(tmp_path)
     acked: list[Path] = []
     sender = subprocess.Popen(
-        [
-            dcmtk_tool("storescu"),
-            "-v",
-            "-aet",
-            "MODALITY",
-            "-aec",
-            "JMIXBRIDGE",
-            "127.0.0.1",
-            str(bridge.port),
-            *map(str, files),
-        ],
+        storescu_args(bridge.port, files, extra=("-v",)),
         env=dcmtk_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    sending = None
     try:
-        for line in sender.stderr:
-            if "Sending file: " in line:
-                sending = Path(line.split("Sending file: ", 1)[1].strip())
-            elif "Received Store Response (Success)" in line:
-                acked.append(sending)
+        for path, answer in store_answers(sender.stderr):
+            if answer == "success":
+                acked.append(path)
                 if len(acked) == 20:
                     os.kill(bridge.proc.pid, signal.SIGKILL)
     finally:

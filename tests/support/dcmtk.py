@@ -10,6 +10,7 @@ every C-STORE wait about 45 ms.
 import os
 import shutil
 import subprocess
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,22 @@ def dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
+def storescu_args(
+    port: int,
+    files: list[Path] | Path,
+    *,
+    called: str = "JMIXBRIDGE",
+    calling: str = "MODALITY",
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """Return the command line that sends ``files`` (or a folder, recursively) with
+    dcmtk's storescu; run it in :func:`dcmtk_env`."""
+    args = [dcmtk_tool("storescu"), "-aet", calling, "-aec", called, *extra]
+    if isinstance(files, Path) and files.is_dir():
+        return [*args, "+sd", "+r", "127.0.0.1", str(port), str(files)]
+    return [*args, "127.0.0.1", str(port), *map(str, files)]
+
+
 def storescu(
     port: int,
     files: list[Path] | Path,
@@ -56,19 +73,30 @@ def storescu(
 ) -> subprocess.CompletedProcess:
     """Send ``files`` (or a folder, recursively) with dcmtk's storescu; never raises
     on a failed store, so the caller can check the return code and output."""
-    args = [dcmtk_tool("storescu"), "-aet", calling, "-aec", called, *extra]
-    if isinstance(files, Path) and files.is_dir():
-        args += ["+sd", "+r", "127.0.0.1", str(port), str(files)]
-    else:
-        args += ["127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(
-        args,
+        storescu_args(port, files, called=called, calling=calling, extra=extra),
         env=dcmtk_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
     )
+
+
+def store_answers(lines: Iterable[str]) -> Iterator[tuple[Path, str]]:
+    """Yield (file, answer) for each C-STORE response in ``storescu -v`` output.
+
+    ``lines`` is storescu's stderr, whole or read as it arrives (a pipe), so a
+    caller can act on each answer while storescu still sends. The answer is
+    ``"success"``, or else storescu's response line, which names the status
+    (``Received Store Response (Refused: OutOfResources)``).
+    """
+    sending = None
+    for line in lines:
+        if "Sending file: " in line:
+            sending = Path(line.split("Sending file: ", 1)[1].strip())
+        elif "Received Store Response" in line and sending is not None:
+            yield sending, "success" if "(Success)" in line else line.rstrip("\n")
 
 
 def dcmsend(
