@@ -334,7 +334,10 @@ def test_downgrade_to_clear_is_refused_by_the_api_when_encryption_is_required(
     resp = post(peer, clear.path)
 
     assert resp.status_code == 400
-    assert resp.json() == {"error": "envelope verification failed"}
+    assert resp.json() == {
+        "error": "envelope refused by policy: the envelope is not encrypted "
+        "and the policy requires it"
+    }
     assert peer.store().get_envelope(clear.envelope_id, "in") is None
 
 
@@ -363,6 +366,9 @@ def test_envelope_signed_by_a_pinned_key_for_another_recipient_is_refused_by_the
     resp = post(peer, other.path)
 
     assert resp.status_code == 400
+    assert resp.json()["error"].startswith("envelope refused by policy: ")
+    assert "site-c" in resp.json()["error"]
+    assert peer.store().get_envelope(other.envelope_id, "in") is None
 
 
 # -- slow-loris ---------------------------------------------------------------------

@@ -40,7 +40,13 @@ from aiohttp import ClientPayloadError, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bridge import jmix
-from bridge.errors import EnvelopeError, MalformedEnvelope, SpoolError
+from bridge.errors import (
+    EnvelopeError,
+    ExpiredAssertion,
+    MalformedEnvelope,
+    PolicyViolation,
+    SpoolError,
+)
 from bridge.jmix.audit import current_audit
 from bridge.peer.intake import Intake
 from bridge.peer.settings import InboundSender, ServerSettings
@@ -251,8 +257,17 @@ def _take(intake: Intake, part: Path, sender: InboundSender, size: int) -> web.R
     except MalformedEnvelope as exc:
         logger.warning("upload rejected sender=%s reason=malformed", sender.name)
         return web.json_response({"error": f"malformed envelope: {exc}"}, status=400)
+    except (PolicyViolation, ExpiredAssertion) as exc:
+        # Authentic, but against this node's policy: the sender authenticated
+        # itself and can only fix what it is told (an envelope for another
+        # receiver, a missing requester, encryption required).
+        logger.warning("upload rejected sender=%s reason=policy", sender.name)
+        return web.json_response(
+            {"error": f"envelope refused by policy: {exc}"}, status=400
+        )
     except EnvelopeError:
-        # Verification failures say no more than that (errors.py).
+        # A signature, key or digest that fails says no more than that
+        # (errors.py): the answer must not help anyone forge one.
         logger.warning("upload rejected sender=%s reason=verification", sender.name)
         return web.json_response({"error": "envelope verification failed"}, status=400)
 
