@@ -139,7 +139,10 @@ class Worker:
         self.spec = spec
         self.on_result = on_result
         self.stopping = threading.Event()
-        self._wake = threading.Event()
+        # One event per thread: a thread that clears its own cannot swallow a
+        # wake-up another thread needed (with one shared event, a thread that
+        # had just taken the last job could clear the signal of the next).
+        self._wakes = [threading.Event() for _ in range(spec.threads)]
         self._threads: list[threading.Thread] = []
         self._owner_prefix = f"{node}:{spec.queue}:{uuid.uuid4().hex[:8]}"
         self._in_flight: dict[str, int] = {}
@@ -152,7 +155,7 @@ class Worker:
             owner = f"{self._owner_prefix}:{index}"
             thread = threading.Thread(
                 target=self._loop,
-                args=(owner,),
+                args=(owner, self._wakes[index]),
                 name=f"worker-{self.spec.queue}-{index}",
                 daemon=True,
             )
@@ -161,13 +164,14 @@ class Worker:
 
     def wake(self) -> None:
         """Ask idle threads to look for work now instead of at the next poll."""
-        self._wake.set()
+        for event in self._wakes:
+            event.set()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop claiming, wait up to ``timeout`` s, then release unfinished leases."""
         self.store.unsubscribe(self.spec.queue, self.wake)
         self.stopping.set()
-        self._wake.set()
+        self.wake()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -191,19 +195,19 @@ class Worker:
         self._process(job, owner)
         return True
 
-    def _loop(self, owner: str) -> None:
+    def _loop(self, owner: str, woken: threading.Event) -> None:
         while not self.stopping.is_set():
             # Cleared before looking, not after waiting: a wake-up that comes
             # while this thread looks then ends its next wait at once, where
             # clearing later would lose it and the job would wait a poll.
-            self._wake.clear()
+            woken.clear()
             try:
                 found = self.run_once(owner)
             except Exception:
                 logger.exception("worker loop failed queue=%s", self.spec.queue)
                 found = False
             if not found and not self.stopping.is_set():
-                self._wake.wait(self.spec.poll_seconds)
+                woken.wait(self.spec.poll_seconds)
 
     def _process(self, job: Job, owner: str) -> None:
         breaker = (
