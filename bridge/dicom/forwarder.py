@@ -19,7 +19,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +159,7 @@ class _Run:
     # What the handlers of the current association caught: its A-ASSOCIATE
     # response and a storage commitment report. One association at a time.
     reply: dict = field(default_factory=dict)
+    on_commitment_requested: Callable[[str], None] | None = None
 
 
 def forward(
@@ -166,6 +167,7 @@ def forward(
     files: list[Path],
     *,
     counters: MutableMapping[str, int] | None = None,
+    on_commitment_requested: Callable[[str], None] | None = None,
 ) -> ForwardResult:
     """Store ``files`` into ``dest`` over one association and report each outcome.
 
@@ -178,6 +180,12 @@ def forward(
     ``permanent``, ``converted`` and ``associations`` (a ``collections.Counter``
     or anything a metrics layer maps to its counters).
 
+    ``on_commitment_requested``, when given, is called with the storage
+    commitment Transaction UID just before the N-ACTION goes out, so that the
+    caller can record it where the PACS's later report is looked up (a PACS may
+    report before this call returns). Should it raise, no N-ACTION is sent and
+    the commitment is ``failed``.
+
     Sets pynetdicom's process-wide options for chunked sending and no
     identifier logging. Raises RetryableTransportError when no association
     could be made at all (refused, timed out, rejected transient) and
@@ -185,7 +193,7 @@ def forward(
     """
     started = time.monotonic()
     _configure_pynetdicom()
-    run = _Run(dest)
+    run = _Run(dest, on_commitment_requested=on_commitment_requested)
     tls_args = (ssl_context(dest.tls), dest.host) if dest.tls else None
 
     items = _read_headers(files, run)
@@ -578,6 +586,18 @@ def _request_commitment(run: _Run, assoc, tls_args) -> Commitment:
             ref.ReferencedSOPClassUID = sop_class
             ref.ReferencedSOPInstanceUID = sop_instance
             info.ReferencedSOPSequence.append(ref)
+        if run.on_commitment_requested is not None:
+            try:
+                run.on_commitment_requested(transaction)
+            except Exception as exc:  # the caller's hook; the delivery stands
+                logger.warning(
+                    "storage commitment not requested dest=%s error=%s",
+                    dest.name,
+                    type(exc).__name__,
+                )
+                return Commitment(
+                    "failed", reason=f"transaction not recorded: {type(exc).__name__}"
+                )
         reply = run.reply
         reply["transaction"] = transaction
         status, _ = assoc.send_n_action(

@@ -69,7 +69,13 @@ class Forwarder:
             # An operator re-sent a dead-lettered job: try the refused ones again.
             remaining, failed = sorted(failed), {}
 
-        result = forward(dest, [base / rel for rel in remaining])
+        result = forward(
+            dest,
+            [base / rel for rel in remaining],
+            on_commitment_requested=lambda uid: self.store.record_commitment(
+                uid, env_id, dest.name, "requested"
+            ),
+        )
         self.on_result(dest.name, result)
 
         retry, reasons = [], []
@@ -146,17 +152,32 @@ class Forwarder:
             )
 
     def _record_commitment(self, env_id: str, dest: str, result: ForwardResult) -> None:
+        """Record the storage commitment of one forward call (PS3.4 Annex J).
+
+        The transaction went into the store's commitment table as
+        ``requested`` just before its N-ACTION was sent, where the listener's
+        :class:`~bridge.dicom.commitment.CommitmentReports` finds the PACS's
+        report, which may come on its own association before :func:`forward`
+        returns. So ``requested`` is not written again (it would undo such a
+        report); an answer on our own association or a refused N-ACTION is.
+        An outcome without a transaction (no association, no Storage
+        Commitment support) is shown in the envelope's details only.
+        """
+        commitment = result.commitment
+        if commitment.state == "requested":
+            return
+        if commitment.transaction_uid:
+            failed = len(commitment.failed_uids)
+            self.store.record_commitment(
+                commitment.transaction_uid, env_id, dest, commitment.state, failed
+            )
+            return
         env = self.store.get_envelope(env_id, "in")
         if env is None:
             return
-        details = dict(env.details)
-        commitments = dict(details.get("storage_commitment", {}))
-        commitments[dest] = {
-            "state": result.commitment.state,
-            "transaction_uid": result.commitment.transaction_uid,
-            "failed": len(result.commitment.failed_uids),
-        }
-        details["storage_commitment"] = commitments
+        shown = dict(env.details.get("storage_commitment", {}))
+        shown[dest] = {"state": commitment.state, "transaction_uid": None, "failed": 0}
+        details = {**env.details, "storage_commitment": shown}
         self.store.set_envelope_state(
             env_id, "in", env.state, reason=env.reason, details=details
         )
