@@ -28,25 +28,28 @@ def _drain(worker) -> None:
         pass
 
 
+def _fail_every_attempt(store, targets, **spec) -> None:
+    """Enqueue a job per target, then run a worker whose every attempt fails
+    until no job is due."""
+    for target in targets:
+        store.enqueue(NewJob("q", f"to-{target}", target=target))
+    _drain(Worker(store, WorkerSpec("q", _failing, **spec)))
+
+
 def _fates(store) -> dict[str, tuple[JobState, int]]:
     return {j.target: (j.state, j.attempts) for j in store.list_jobs(queue="q")}
 
 
 def test_each_target_dead_letters_at_its_own_attempt_count(store):
-    store.enqueue(NewJob("q", "to-a", target="a"))
-    store.enqueue(NewJob("q", "to-b", target="b"))
-    store.enqueue(NewJob("q", "to-other", target="other"))
-    spec = WorkerSpec(
-        "q",
-        _failing,
+    _fail_every_attempt(
+        store,
+        ["a", "b", "other"],
         retry=RetryPolicy(**NOW, max_attempts=3),
         retry_by_target={
             "a": RetryPolicy(**NOW, max_attempts=2),
             "b": RetryPolicy(**NOW, max_attempts=5),
         },
     )
-
-    _drain(Worker(store, spec))
 
     assert _fates(store) == {
         "a": (JobState.DEAD, 2),
@@ -56,17 +59,14 @@ def test_each_target_dead_letters_at_its_own_attempt_count(store):
 
 
 def test_each_target_waits_its_own_backoff(store):
-    store.enqueue(NewJob("q", "to-slow", target="slow"))
-    store.enqueue(NewJob("q", "to-fast", target="fast"))
-    spec = WorkerSpec(
-        "q",
-        _failing,
+    before = time.time()
+
+    _fail_every_attempt(
+        store,
+        ["slow", "fast"],
         retry=RetryPolicy(initial_seconds=10),
         retry_by_target={"slow": RetryPolicy(initial_seconds=1000, max_seconds=1000)},
     )
-    before = time.time()
-
-    _drain(Worker(store, spec))
 
     waits = {j.target: j.not_before - before for j in store.list_jobs(queue="q")}
     assert 500 <= waits["slow"] <= 1001
@@ -74,16 +74,12 @@ def test_each_target_waits_its_own_backoff(store):
 
 
 def test_target_past_its_own_max_age_dead_letters_at_the_first_failure(store):
-    store.enqueue(NewJob("q", "to-strict", target="strict"))
-    store.enqueue(NewJob("q", "to-lenient", target="lenient"))
-    spec = WorkerSpec(
-        "q",
-        _failing,
+    _fail_every_attempt(
+        store,
+        ["strict", "lenient"],
         retry=RetryPolicy(initial_seconds=100),
         retry_by_target={"strict": RetryPolicy(max_age_seconds=0)},
     )
-
-    _drain(Worker(store, spec))
 
     assert _fates(store) == {
         "strict": (JobState.DEAD, 1),
@@ -116,17 +112,16 @@ def test_breaker_opened_for_one_target_leaves_the_other_served(store):
 
 
 def test_each_target_breaker_opens_at_its_own_threshold(store):
-    store.enqueue(NewJob("q", "to-fragile", target="fragile"))
-    store.enqueue(NewJob("q", "to-sturdy", target="sturdy"))
     board = BreakerBoard(
         BreakerPolicy(failures_to_open=1, open_seconds=3600),
         policy_by_target={
             "sturdy": BreakerPolicy(failures_to_open=3, open_seconds=3600)
         },
     )
-    spec = WorkerSpec("q", _failing, retry=RetryPolicy(**NOW), breakers=board)
 
-    _drain(Worker(store, spec))
+    _fail_every_attempt(
+        store, ["fragile", "sturdy"], retry=RetryPolicy(**NOW), breakers=board
+    )
 
     assert board.states() == {"fragile": "open", "sturdy": "open"}
     assert _fates(store) == {
