@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role
 from pynetdicom.sop_class import (
     CTImageStorage,
     StorageCommitmentPushModel,
-    StorageCommitmentPushModelInstance,
     Verification,
 )
 
@@ -33,9 +31,12 @@ from tests.support.dcmtk import echoscu, storescu
 from tests.support.net import wait_until
 from tests.support.orthanc import Orthanc
 from tests.support.studies import FAKE_PATIENT, make_study
+from tests.test_commitment import _report as send_report
 
 ROUTE = RouteRule(name="all", peers=("peer-a",), quiet_seconds=3600)
-PACS = AllowedCaller("ORTHANC", "127.0.0.1")
+ORTHANC = AllowedCaller("ORTHANC", "127.0.0.1")
+# The calling AE title tests.test_commitment.send_report uses.
+PACS = AllowedCaller("PACS", "127.0.0.1")
 TXN = "1.2.826.0.1.3680043.8.498.77"
 
 
@@ -107,37 +108,6 @@ def start_node(tmp_path):
         node.stop()
 
 
-def _report(port: int, calling: str, txn: str = TXN):
-    """Send one N-EVENT-REPORT as a PACS does on its own association.
-
-    Returns the DIMSE status, or None when no association with a commitment
-    context came about (pynetdicom aborts one without any accepted context).
-    """
-    info = Dataset()
-    info.TransactionUID = txn
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = CTImageStorage
-    ref.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.78"
-    info.ReferencedSOPSequence = [ref]
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(StorageCommitmentPushModel)
-    assoc = ae.associate(
-        "127.0.0.1",
-        port,
-        ae_title="JMIXBRIDGE",
-        ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)],
-    )
-    if not assoc.is_established:
-        return None
-    try:
-        status, _ = assoc.send_n_event_report(
-            info, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance
-        )
-        return status.Status
-    finally:
-        assoc.release()
-
-
 def _summaries(caplog) -> list[str]:
     return [
         r.getMessage()
@@ -155,12 +125,12 @@ def test_orthanc_report_on_its_own_association_marks_the_envelope_committed(
     start_node, tmp_path, caplog
 ):
     caplog.set_level(logging.INFO)
-    node = start_node(commitment_callers=(PACS,))
+    node = start_node(commitment_callers=(ORTHANC,))
     # Orthanc takes the N-ACTION only from a modality it knows, and sends the
     # result to that modality's host and port: here, the listener.
     bridge = {"AET": "JMIXBRIDGE", "Host": "127.0.0.1", "Port": node.port}
     orthanc = Orthanc(
-        tmp_path / "orthanc", PACS.ae_title, DicomModalities={"b": bridge}
+        tmp_path / "orthanc", ORTHANC.ae_title, DicomModalities={"b": bridge}
     )
     try:
         env_id, rel = node.opened_envelope(tmp_path / "study")
@@ -211,7 +181,7 @@ def test_commitment_caller_report_is_recorded_without_orthanc(start_node, tmp_pa
     env_id, _ = node.opened_envelope(tmp_path / "study", count=1)
     node.store.record_commitment(TXN, env_id, "pacs", "requested")
 
-    assert _report(node.port, "ORTHANC") == 0x0000
+    assert send_report(node.port, 1, TXN) == 0x0000
     assert node.commitment_of(env_id, "pacs")["state"] == "committed"
 
 
@@ -226,9 +196,9 @@ def test_unknown_caller_is_refused(start_node):
 
 
 def test_commitment_caller_from_another_host_is_refused(start_node):
-    node = start_node(commitment_callers=(AllowedCaller("ORTHANC", "192.0.2.7"),))
+    node = start_node(commitment_callers=(AllowedCaller("PACS", "192.0.2.7"),))
 
-    result = echoscu(node.port, calling="ORTHANC")
+    result = echoscu(node.port, calling="PACS")
 
     assert result.returncode != 0
     assert node.listener.stats.snapshot()["associations_rejected"] == {"host": 1}
@@ -242,7 +212,7 @@ def test_commitment_caller_cannot_store(start_node, tmp_path):
     )
     files = make_study(tmp_path / "in", series=1, per_series=1)
 
-    refused = storescu(node.port, files, calling="ORTHANC")
+    refused = storescu(node.port, files, calling="PACS")
     allowed = storescu(node.port, files, calling="CT01")
 
     assert refused.returncode != 0
@@ -258,7 +228,7 @@ def test_commitment_caller_is_offered_only_commitment_and_verification(start_nod
         allowed_callers=(AllowedCaller("CT01"),),
         commitment_callers=(PACS,),
     )
-    ae = AE(ae_title="ORTHANC")
+    ae = AE(ae_title="PACS")
     for sop_class in (CTImageStorage, StorageCommitmentPushModel, Verification):
         ae.add_requested_context(sop_class)
 
@@ -287,7 +257,14 @@ def test_caller_allowed_to_store_cannot_report(start_node, tmp_path):
     env_id, _ = node.opened_envelope(tmp_path / "study", count=1)
     node.store.record_commitment(TXN, env_id, "pacs", "requested")
 
-    assert _report(node.port, "CT01") is None
+    ae = AE(ae_title="CT01")
+    ae.add_requested_context(StorageCommitmentPushModel)
+    role = build_role(StorageCommitmentPushModel, scp_role=True)
+
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="JMIXBRIDGE", ext_neg=[role])
+
+    # No context was accepted, so pynetdicom gave the association up.
+    assert not assoc.is_established
     assert node.commitment_of(env_id, "pacs")["state"] == "requested"
     # The association was let in (CT01 may store); only the context was refused.
     assert node.listener.stats.snapshot()["associations_rejected"] == {}
@@ -295,7 +272,7 @@ def test_caller_allowed_to_store_cannot_report(start_node, tmp_path):
 
 def test_receiving_only_node_offers_no_storage_context(start_node):
     node = start_node(commitment_callers=(PACS,))
-    ae = AE(ae_title="ORTHANC")
+    ae = AE(ae_title="PACS")
     ae.add_requested_context(CTImageStorage)
     ae.add_requested_context(Verification)
 
@@ -316,8 +293,8 @@ def test_report_is_taken_while_the_spool_is_short_of_disk(
     node.store.record_commitment(TXN, env_id, "pacs", "requested")
     files = make_study(tmp_path / "in", series=1, per_series=1)
 
-    assert storescu(node.port, files, calling="ORTHANC").returncode != 0
-    assert _report(node.port, "ORTHANC") == 0x0000
+    assert storescu(node.port, files, calling="PACS").returncode != 0
+    assert send_report(node.port, 1, TXN) == 0x0000
     assert node.commitment_of(env_id, "pacs")["state"] == "committed"
     assert node.listener.stats.snapshot()["associations_rejected"] == {"disk-full": 1}
 
