@@ -396,15 +396,18 @@ class Bridge:
             receivers={p.name: p.receiver for p in peers.values()},
         )
         parts.clients.append(deliverer)
-        board = BreakerBoard(breaker_policy(cfg.peers[0]))
+        board = BreakerBoard(
+            BreakerPolicy(),
+            policy_by_target={p.name: breaker_policy(p) for p in cfg.peers},
+        )
         parts.breakers["peer"] = board
-        # One retry policy serves the queue; it is the first peer's (README L-04).
         return [
             WorkerSpec("seal", sealer, threads=1),
             WorkerSpec(
                 "deliver",
                 deliverer,
-                retry=retry_policy(cfg.peers[0].retry),
+                retry=retry_policy(RetrySettings()),
+                retry_by_target={p.name: retry_policy(p.retry) for p in cfg.peers},
                 breakers=board,
                 threads=2,
             ),
@@ -432,8 +435,10 @@ class Bridge:
             for _ in range(result.converted):
                 parts.metrics.conversion(name)
 
-        first = cfg.destinations[0]
-        board = BreakerBoard(breaker_policy(first))
+        board = BreakerBoard(
+            BreakerPolicy(),
+            policy_by_target={d.name: breaker_policy(d) for d in cfg.destinations},
+        )
         parts.breakers["destination"] = board
         forwarder = Forwarder(
             parts.store,
@@ -449,7 +454,10 @@ class Bridge:
             WorkerSpec(
                 "forward",
                 forwarder,
-                retry=retry_policy(first.retry),
+                retry=retry_policy(RetrySettings()),
+                retry_by_target={
+                    d.name: retry_policy(d.retry) for d in cfg.destinations
+                },
                 breakers=board,
                 threads=2,
             ),
