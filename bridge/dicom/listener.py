@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -39,10 +38,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from tempfile import NamedTemporaryFile
 
-from pynetdicom import AE, _config, build_context, dimse_messages, evt
-from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.sop_class import Verification
 
+from bridge.dicom.admission import (
+    NOTHING,
+    Admission,
+    AdmissionSwitch,
+    AllowedCaller,
+    Callers,
+    contexts_for,
+    proposes_storage,
+)
 from bridge.dicom.commitment import CommitmentReports
 from bridge.errors import BridgeError
 from bridge.faults import test_only_crash_point
@@ -62,14 +69,10 @@ DATA_SET_MISMATCH = 0xA900
 # PS3.4 B.2.3: "Error: Cannot understand". The data set does not parse.
 CANNOT_UNDERSTAND = 0xC000
 # PS3.7 C.5.x general statuses: "Refused: Not authorized" when no route takes
-# the instance, and "Duplicate SOP Instance" when its UID is known with other
-# bytes and the policy is to reject.
+# the instance or the caller may not send it, and "Duplicate SOP Instance" when
+# its UID is known with other bytes and the policy is to reject.
 NOT_AUTHORIZED = 0x0124
 DUPLICATE_SOP_INSTANCE = 0x0111
-
-# The SOP classes a storage commitment report association needs (PS3.4 J.3.3);
-# a proposal of anything else is taken as an attempt to store.
-_REPORT_CLASSES = frozenset({Verification, StorageCommitmentPushModel})
 
 # The process-wide pynetdicom switches the listener sets, and restores on stop.
 _PYNETDICOM_SWITCHES = (
@@ -98,18 +101,6 @@ _ASSOC_REJECT = {
     "disk-full": (0x02, 0x03, 0x01),  # temporary congestion
     "error": (0x02, 0x03, 0x01),
 }
-
-
-@dataclass(frozen=True)
-class AllowedCaller:
-    """A calling AE title allowed in, optionally only from one host.
-
-    ``host`` is an IP address or a name resolved when the listener starts;
-    empty allows any host.
-    """
-
-    ae_title: str
-    host: str = ""
 
 
 @dataclass(frozen=True)
@@ -210,14 +201,6 @@ class ListenerStats:
             }
 
 
-@dataclass(frozen=True)
-class _Admission:
-    """What an accepted association may do, decided before negotiation."""
-
-    store: bool
-    report: bool
-
-
 @dataclass
 class _Session:
     """One established association, for its summary line.
@@ -226,44 +209,12 @@ class _Session:
     """
 
     calling_ae: str
-    admission: _Admission
+    admission: Admission
     started: float = field(default_factory=time.monotonic)
     accepted: int = 0
     refused: int = 0
     bytes: int = 0
     reports: int = 0
-
-
-class _AdmissionSwitch:
-    """pynetdicom's ``UNRESTRICTED_STORAGE_SERVICE``, decided per association.
-
-    pynetdicom reads that process-wide switch, for its truth value only, in the
-    association's own thread: when it negotiates the presentation contexts
-    (acse.py) and when it picks the service class of a C-STORE (association.py).
-    Our ``EVT_REQUESTED`` handler runs in that thread just before negotiation,
-    so a thread-local value lets every storage SOP class in for a caller allowed
-    to store and none for a caller that may only report storage commitment:
-    their storage contexts are then refused as any unsupported abstract syntax
-    is (PS3.8 9.3.3.2, result 3).
-    """
-
-    def __init__(self):
-        self._local = threading.local()
-
-    def admit(self, admission: _Admission) -> None:
-        """Set what the calling thread's association may do."""
-        self._local.admission = admission
-
-    @property
-    def admission(self) -> _Admission:
-        """What the calling thread's association may do; nothing when unset."""
-        return getattr(self._local, "admission", _NOTHING)
-
-    def __bool__(self) -> bool:
-        return self.admission.store
-
-
-_NOTHING = _Admission(store=False, report=False)
 
 
 class Listener:
@@ -298,9 +249,9 @@ class Listener:
         self.stats = stats or ListenerStats()
         self._server = None
         self._ae: AE | None = None
-        self._allowed: dict[str, frozenset[str] | None] = {}
-        self._reporters: dict[str, frozenset[str] | None] = {}
-        self._switch = _AdmissionSwitch()
+        self._allowed = Callers(())
+        self._reporters = Callers(())
+        self._switch = AdmissionSwitch()
         self._sessions: dict[int, _Session] = {}  # established, by id(assoc)
         self._lock = threading.Lock()
         self._saved: dict[str, object] = {}
@@ -326,10 +277,12 @@ class Listener:
         self._configure_pynetdicom()
         if self.spool is not None:
             self.spool.sweep_incoming(older_than_seconds=0)
-        self._allowed = _allowed_hosts(self.settings.allowed_callers)
-        self._reporters = _allowed_hosts(self.settings.commitment_callers)
+        self._allowed = Callers(self.settings.allowed_callers)
+        self._reporters = Callers(self.settings.commitment_callers)
         if self.ingest is not None and not self.settings.allowed_callers:
             logger.warning("listener accepts any calling AE title")
+        if self.ingest is None and not self.settings.commitment_callers:
+            logger.warning("listener lets no one in: no ingest, no commitment callers")
 
         ae = AE(ae_title=self.settings.ae_title)
         # 0 is unlimited and the fastest receive (FIELD-NOTES), the default.
@@ -395,7 +348,7 @@ class Listener:
         # Accept every storage SOP class, private and future ones included, in
         # whatever transfer syntax the modality proposes first: the bridge
         # stores instances as received and never decodes pixel data. Only for
-        # associations admitted to store; see _AdmissionSwitch.
+        # associations admitted to store; see AdmissionSwitch.
         _config.UNRESTRICTED_STORAGE_SERVICE = self._switch
         # STYLE: pynetdicom logs request and response identifiers by default.
         _config.LOG_REQUEST_IDENTIFIERS = False
@@ -422,7 +375,7 @@ class Listener:
             reason, admission = self._admission(assoc)
             if not reason:
                 self._switch.admit(admission)
-                assoc.acceptor.supported_contexts = _contexts_for(admission)
+                assoc.acceptor.supported_contexts = contexts_for(admission)
                 return
         except Exception as exc:  # nothing escapes a handler
             logger.error("association check failed error=%s", _describe(exc))
@@ -443,7 +396,7 @@ class Listener:
         assoc.acse.send_reject(*_ASSOC_REJECT[reason])
         assoc.kill()
 
-    def _admission(self, assoc) -> tuple[str, _Admission]:
+    def _admission(self, assoc) -> tuple[str, Admission]:
         """Return why an association must be refused ("" to accept it), and
         what it may do when accepted."""
         calling = assoc.requestor.primitive.calling_ae_title.strip()
@@ -455,20 +408,20 @@ class Listener:
         if self.ingest is None:
             not_storing = "calling-ae"
         elif self._allowed:
-            not_storing = _caller_refusal(self._allowed, calling, host)
+            not_storing = self._allowed.refusal(calling, host)
         else:
             not_storing = ""
-        not_reporting = _caller_refusal(self._reporters, calling, host)
+        not_reporting = self._reporters.refusal(calling, host)
         if not_storing and not_reporting:
-            return (
-                "host" if "host" in (not_storing, not_reporting) else "calling-ae"
-            ), _NOTHING
+            # A caller known to either list but calling from elsewhere: "host".
+            reason = "host" if "host" in (not_storing, not_reporting) else "calling-ae"
+            return reason, NOTHING
         if self.settings.check_called_ae and called != self.settings.ae_title.strip():
-            return "called-ae", _NOTHING
+            return "called-ae", NOTHING
         store, report = not not_storing, not not_reporting
         if store and not self.ingest.admits(calling, called):
             if not report:
-                return "unrouted", _NOTHING
+                return "unrouted", NOTHING
             store = False
 
         # Our own limits. A report association (nothing but commitment and
@@ -476,12 +429,12 @@ class Listener:
         # spool, so it is let in while the disk is short.
         active = [a for a in assoc.ae.active_associations if a.is_acceptor]
         if len(active) > self.settings.max_associations:
-            return "max-associations", _NOTHING
+            return "max-associations", NOTHING
         if store and not self._has_room():
-            if not report or _proposes_storage(assoc):
-                return "disk-full", _NOTHING
+            if not report or proposes_storage(assoc):
+                return "disk-full", NOTHING
             store = False
-        return "", _Admission(store=store, report=report)
+        return "", Admission(store=store, report=report)
 
     def _has_room(self) -> bool:
         if self.spool is None:
@@ -529,7 +482,7 @@ class Listener:
             found = self._sessions.get(id(assoc))
         # A request can only come on an established association; an unknown one
         # (never expected) may do nothing.
-        return found or _Session("", _NOTHING)
+        return found or _Session("", NOTHING)
 
     # -- N-EVENT-REPORT ----------------------------------------------------------
 
@@ -612,72 +565,6 @@ class Listener:
 
 def _bump(counts: dict, key) -> None:
     counts[key] = counts.get(key, 0) + 1
-
-
-def _allowed_hosts(
-    callers: tuple[AllowedCaller, ...],
-) -> dict[str, frozenset[str] | None]:
-    """Map each allowed AE title to its allowed addresses, None for any host."""
-    allowed: dict[str, frozenset[str] | None] = {}
-    for caller in callers:
-        ae_title = caller.ae_title.strip()
-        if not caller.host:
-            allowed[ae_title] = None
-        elif ae_title not in allowed or allowed[ae_title] is not None:
-            allowed[ae_title] = (allowed.get(ae_title) or frozenset()) | _resolve(
-                caller.host
-            )
-    return allowed
-
-
-def _caller_refusal(
-    allowed: dict[str, frozenset[str] | None], calling: str, host: str
-) -> str:
-    """Return "calling-ae" or "host" when ``allowed`` does not let the caller
-    in, "" when it does."""
-    if calling not in allowed:
-        return "calling-ae"
-    hosts = allowed[calling]
-    if hosts is not None and host not in hosts:
-        return "host"
-    return ""
-
-
-def _contexts_for(admission: _Admission) -> list[PresentationContext]:
-    """Return the presentation contexts to offer an admitted association.
-
-    Storage contexts are not listed: the admission switch lets them in.
-    """
-    contexts = [build_context(Verification)]
-    if admission.report:
-        # PS3.4 J.3.3 and PS3.7 D.3.3.4: the PACS that sends the N-EVENT-REPORT
-        # is the SCP of Storage Commitment Push Model, so it proposes the SCP
-        # role for itself in an SCP/SCU Role Selection item. An acceptor's
-        # scu_role and scp_role say which of the requestor's proposed roles
-        # pynetdicom agrees to; with both set, whatever the PACS proposes is
-        # taken up, and a PACS proposing no role at all is let in as well.
-        commitment = build_context(StorageCommitmentPushModel)
-        commitment.scu_role = True
-        commitment.scp_role = True
-        contexts.append(commitment)
-    return contexts
-
-
-def _proposes_storage(assoc) -> bool:
-    """Return True when the association proposes anything besides verification
-    and storage commitment."""
-    proposed = assoc.requestor.primitive.presentation_context_definition_list
-    return any(cx.abstract_syntax not in _REPORT_CLASSES for cx in proposed)
-
-
-def _resolve(host: str) -> frozenset[str]:
-    """Return the addresses of ``host``; the literal itself when it won't resolve."""
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        logger.warning("allowed caller host does not resolve host=%s", host)
-        return frozenset({host})
-    return frozenset({host, *(info[4][0] for info in infos)})
 
 
 def _describe(exc: BaseException) -> str:
