@@ -66,7 +66,7 @@ from bridge.receiving.forwarding import Forwarder
 from bridge.receiving.opener import Opener, SenderTrust
 from bridge.receiving.receipts import ReceiptSender, add_receipt_route
 from bridge.spool import Spool
-from bridge.store import DuplicatePolicy, Store, open_store
+from bridge.store import DuplicatePolicy, SQLiteStore, Store, open_store
 from bridge.tls import server_context
 from bridge.workers.base import Worker, WorkerSpec
 from bridge.workers.policy import BreakerBoard, BreakerPolicy, RetryPolicy
@@ -323,6 +323,16 @@ class Bridge:
         cfg.node.data_dir.mkdir(parents=True, exist_ok=True)
         keys, self.keys_created = ensure_keys(cfg)
         store = open_store(cfg.store_url)
+        if isinstance(store, SQLiteStore):
+            # One process per SQLite file: every lease found now is a dead
+            # process's, so its jobs are taken up again at once.
+            try:
+                store.hold_exclusively()
+            except BaseException:
+                store.close()
+                raise
+            if freed := store.expire_leases():
+                logger.info("leases of an earlier run ended jobs=%d", freed)
         parts = Parts(store, Spool(cfg.spool_dir), keys, Metrics(cfg))
         parts.senders = {
             s.name: sender_trust(s, cfg.receiving, cfg.node.id) for s in cfg.senders

@@ -3,6 +3,8 @@ start's embedded defaults, and a real PACS (Orthanc) at the far end."""
 
 import json
 import signal
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -161,9 +163,6 @@ def test_bad_configuration_is_refused_before_any_socket_opens(tmp_path):
     conf = tmp_path / "bridge.yaml"
     conf.write_text("dicom: {port: eleven}\nroutes: [{name: r, peers: [nowhere]}]\n")
     daemon = Daemon(tmp_path, ["-c", str(conf)])
-    import subprocess
-    import sys
-
     result = subprocess.run(
         [sys.executable, "-m", "bridge", "run", "-c", str(conf)],
         env=daemon.env,
@@ -176,3 +175,33 @@ def test_bad_configuration_is_refused_before_any_socket_opens(tmp_path):
     assert result.returncode == 2
     assert "dicom.port: expected an integer, got 'eleven'" in result.stderr
     assert "routes[0].peers[0]: no peer named 'nowhere'" in result.stderr
+
+
+def test_a_second_process_on_the_same_state_database_is_refused(tmp_path):
+    first, _, _ = quick_start(tmp_path / "bridge", pacs_port=9)
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bridge",
+                "run",
+                "--data-dir",
+                str(tmp_path / "bridge" / "data"),
+                "--dicom-port",
+                "0",
+                "--http-port",
+                "0",
+            ],
+            env=first.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode != 0
+        assert "is in use by another bridge process" in result.stderr
+        # The first one still serves.
+        assert first.proc.poll() is None
+    finally:
+        assert first.stop() == 0

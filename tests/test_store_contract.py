@@ -332,6 +332,15 @@ def test_expired_lease_is_claimed_again(store):
     assert not store.complete(job.id, "w1")
 
 
+def test_expire_leases_frees_every_leased_job_at_once(store):
+    claimed(store)
+    store.enqueue(NewJob("seal", "still-ready"))
+    assert store.expire_leases() == 1
+    job = store.claim("seal", "w2", 30, now=T0 + 1)
+    assert (job.key, job.lease_owner) == ("k", "w2")
+    assert not store.complete(job.id, "w1")
+
+
 def test_claim_passes_over_skipped_targets(store):
     store.enqueue(NewJob("q", "to-down", target="down"))
     store.enqueue(NewJob("q", "to-up", target="up"))

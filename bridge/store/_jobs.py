@@ -126,6 +126,11 @@ class JobEndings:
                 count_attempt=True,
             )
 
+    def expire_leases(self) -> int:
+        with self._write() as conn:
+            cur = conn.execute("UPDATE jobs SET lease_until = 0 WHERE state = 'leased'")
+            return cur.rowcount
+
     def release(self, job_id: int, owner: str) -> bool:
         with self._write() as conn:
             return self._finish(conn, job_id, owner, JobState.READY)

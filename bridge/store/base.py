@@ -398,6 +398,14 @@ class Store(abc.ABC):
         """Give a leased job back without counting an attempt (clean shutdown)."""
 
     @abc.abstractmethod
+    def expire_leases(self) -> int:
+        """End every lease now, so the leased jobs can be claimed again.
+
+        Only for a store that one process uses alone, at its start: every lease
+        then belongs to a process that died. Returns how many jobs it freed.
+        """
+
+    @abc.abstractmethod
     def requeue(self, job_id: int) -> bool:
         """Make a dead-lettered job ready now with its attempts reset (operator)."""
 

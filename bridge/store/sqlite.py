@@ -5,12 +5,20 @@ call returns, because the listener acknowledges an instance only after its
 record is committed. Each thread gets its own connection; write transactions
 start with ``BEGIN IMMEDIATE`` so that two writers never both read and then
 collide, and ``busy_timeout`` lets a writer wait for another instead of failing.
+
+A bridge process takes the file for itself with
+:meth:`SQLiteStore.hold_exclusively`, a lock held until it closes the store: a
+second process on the same file is refused at start, and the owner knows that
+every lease it finds was held by a process that died, so it can end them at
+once instead of waiting for them to run out.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -54,6 +62,7 @@ class SQLiteStore(SQLiteJobs, Store):
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._claim_fd: int | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn().executescript(SCHEMA)
@@ -525,9 +534,28 @@ class SQLiteStore(SQLiteJobs, Store):
                 (str(time.time()),),
             )
 
+    def hold_exclusively(self) -> None:
+        """Take the database for this process alone until :meth:`close`.
+
+        Raises StoreError when another process holds it.
+        """
+        lock = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(
+                f"state store {self.path} is in use by another bridge process"
+            ) from None
+        self._claim_fd = fd
+
     def close(self) -> None:
         with self._lock:
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
+            if self._claim_fd is not None:
+                os.close(self._claim_fd)
+                self._claim_fd = None
         self._local = threading.local()

@@ -187,17 +187,6 @@ def kill_9(daemon: Daemon) -> int:
     return daemon.stop(signal.SIGKILL)
 
 
-def expire_leases(db: Path) -> int:
-    """Let every lease held by a dead process run out now; return how many.
-
-    A restarted bridge claims such jobs again only once their lease (300 s)
-    has expired (README L-31); the tests fast-forward that wait.
-    """
-    with sqlite3.connect(db, timeout=10) as conn:
-        cur = conn.execute("UPDATE jobs SET lease_until = 0 WHERE state = 'leased'")
-        return cur.rowcount
-
-
 class LinkProxy:
     """A TCP proxy from a free port to ``target_port`` that can misbehave.
 
@@ -433,8 +422,7 @@ def dead_jobs(sites: Sites) -> int:
 
 
 def restart(sites: Sites, site: str, daemon: Daemon) -> None:
-    """Restart ``site`` after its death, its dead leases run out."""
-    expire_leases(sites.db(site))
+    """Restart ``site`` after its death; it takes up its dead leases itself."""
     sites.start_a() if site == "a" else sites.start_b()
 
 
