@@ -142,6 +142,18 @@ def cross_check(config: Config, *, check_files: bool = True) -> list[str]:
             )
     for i, dest in _items(config.destinations):
         _check_ranges(f"destinations[{i}]", dest, problems)
+        if (
+            dest.storage_commitment
+            and config.dicom.check_called_ae
+            and dest.calling_ae_title != config.dicom.ae_title
+        ):
+            # The PACS sends its result to the AE that asked: our listener.
+            problems.append(
+                f"destinations[{i}].calling_ae_title: storage commitment results "
+                f"come back to {dest.calling_ae_title!r}, but the listener is "
+                f"{config.dicom.ae_title!r}; make them equal or set "
+                "dicom.check_called_ae to false"
+            )
         if dest.dimse_timeout <= 0:
             problems.append(
                 f"destinations[{i}].dimse_timeout: expected a positive "

@@ -29,6 +29,7 @@ from bridge.config import (
     SenderSettings,
     TLSFiles,
 )
+from bridge.dicom.commitment import CommitmentReports
 from bridge.dicom.forwarder import Destination, TLSSettings
 from bridge.dicom.listener import (
     AllowedCaller,
@@ -221,6 +222,15 @@ def peer_entity(settings: PeerSettings) -> Entity:
     return Entity(entity.id, entity.name or entity.id, entity.contact or "unknown")
 
 
+def commitment_callers(config: Config) -> tuple[AllowedCaller, ...]:
+    """The destinations that may report storage commitment results to us."""
+    return tuple(
+        AllowedCaller(d.ae_title, d.host)
+        for d in config.destinations
+        if d.storage_commitment
+    )
+
+
 def route_rule(settings) -> RouteRule:
     """Map a configured route onto the ingest's route rule."""
     return RouteRule(
@@ -344,7 +354,7 @@ class Bridge:
             )
             parts.janitor.start()
             self._start_workers(parts)
-            self._start_ingress(parts)
+            self._start_listener(parts)
             self._start_http(parts)
         except BaseException:
             self.stop()
@@ -492,22 +502,35 @@ class Bridge:
             )
         return specs
 
-    def _start_ingress(self, parts: Parts) -> None:
+    def _start_listener(self, parts: Parts) -> None:
+        """Start the listener: for modalities (routes) and for commitment results.
+
+        A receiving node whose destinations ask for storage commitment runs one
+        too, since a PACS may send its result on an association of its own; it
+        offers those destinations nothing but commitment and verification.
+        """
         cfg = self.config
         routes = [route_rule(r) for r in cfg.routes]
-        if not routes:
+        reporters = commitment_callers(cfg)
+        if not routes and not reporters:
             return
         dicom = cfg.dicom
-        ingest = Ingest(
-            parts.store,
-            parts.spool,
-            routes,
-            IngestSettings(
-                duplicates=DuplicatePolicy(dicom.duplicates),
-                unrouted=Unrouted(dicom.unrouted),
-            ),
-            on_sealed=parts.metrics.study_sealed,
-        )
+        ingest = None
+        if routes:
+            ingest = Ingest(
+                parts.store,
+                parts.spool,
+                routes,
+                IngestSettings(
+                    duplicates=DuplicatePolicy(dicom.duplicates),
+                    unrouted=Unrouted(dicom.unrouted),
+                ),
+                on_sealed=parts.metrics.study_sealed,
+            )
+            parts.assembler = Assembler(
+                parts.store, routes, on_sealed=parts.metrics.study_sealed
+            )
+            parts.assembler.start()
         settings = ListenerSettings(
             ae_title=dicom.ae_title,
             host=dicom.host,
@@ -521,13 +544,13 @@ class Bridge:
             min_free_ratio=cfg.spool.min_free_ratio,
             max_pdu=dicom.max_pdu,
             tls=listener_tls(dicom.tls),
+            commitment_callers=reporters,
         )
-        parts.assembler = Assembler(
-            parts.store, routes, on_sealed=parts.metrics.study_sealed
-        )
-        parts.assembler.start()
         parts.listener = Listener(
-            settings, ingest, stats=MeteredListenerStats(parts.metrics)
+            settings,
+            ingest,
+            stats=MeteredListenerStats(parts.metrics),
+            commitment=CommitmentReports(parts.store) if reporters else None,
         )
         parts.listener.start()
 
@@ -578,8 +601,8 @@ class Bridge:
             parts.inbox.start()
 
     def _readiness(self, parts: Parts) -> list:
-        # A node without routes runs no listener; it is then never the problem.
-        has_listener = bool(self.config.routes)
+        # A node without routes or commitment destinations runs no listener.
+        has_listener = bool(self.config.routes or commitment_callers(self.config))
         return standard_checks(
             store=parts.store,
             spool_path=self.config.spool_dir,
