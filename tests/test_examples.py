@@ -182,6 +182,16 @@ def test_docs_mention_every_key_of_the_schema():
     assert missing == []
 
 
+def test_every_key_of_the_schema_appears_in_a_commented_example():
+    examples = "".join(p.read_text() for p in ROOT.glob("conf/*.yaml"))
+
+    missing = sorted(
+        k for k in _schema_keys() if not re.search(rf"^\s*-?\s*{k}:", examples, re.M)
+    )
+
+    assert missing == []
+
+
 def test_docs_name_every_token_variable_form():
     docs = (ROOT / "docs" / "configuration.md").read_text()
 
