@@ -4,6 +4,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from bridge.ingest import (
@@ -15,6 +17,7 @@ from bridge.ingest import (
     RouteRule,
     Unrouted,
 )
+from bridge.ingest.ingest import read_header
 from bridge.spool import Spool
 from bridge.store import DuplicatePolicy, InstanceOutcome, SQLiteStore, StudyState
 from tests.support.studies import make_instance, make_study
@@ -341,3 +344,25 @@ def test_open_study_keeps_its_timer_across_a_restart(spool, clock, tmp_path):
     assert Assembler(again, [CT_ROUTE], clock=clock).run_once() == 1
     assert again.get_study(ref).state == StudyState.SEALED
     again.close()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CT_small.dcm",  # explicit VR little endian
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "JPEG2000.dcm",  # encapsulated pixel data
+        "image_dfl.dcm",  # deflated
+    ],
+)
+def test_header_reads_the_same_values_as_dcmread(name):
+    path = get_testdata_file(name, download=False)
+    keywords = ["PatientID", "Modality", "SOPInstanceUID", "StudyInstanceUID"]
+
+    header = read_header(Path(path), keywords)
+
+    full = dcmread(path, force=True)
+    for keyword in keywords:
+        assert header.get(keyword) == full.get(keyword)
+    assert "PixelData" not in header

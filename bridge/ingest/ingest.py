@@ -23,7 +23,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import _at_pixel_data, _read_file_meta_info, read_dataset
 from pydicom.tag import Tag
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from bridge.ingest.assembler import seal_jobs
 from bridge.ingest.routing import UNROUTED, Router, RouteRule, Unrouted
@@ -57,6 +62,12 @@ DEFLATED_LIMIT = 256 << 20
 # from at most this many; a header larger than that is not understood either.
 _DEFLATED_HEADER = 16 << 20
 _CHUNK = 1 << 20
+# (implicit VR, little endian) of the data set, by transfer syntax (PS3.5 A).
+_ENCODINGS = {
+    ImplicitVRLittleEndian: (True, True),
+    ExplicitVRLittleEndian: (False, True),
+    ExplicitVRBigEndian: (False, False),
+}
 
 
 class _Oversize(Exception):
@@ -66,10 +77,12 @@ class _Oversize(Exception):
 def read_header(path: Path, tags: list[str]) -> Dataset:
     """Read the header attributes ``tags`` of a Part 10 file, never the pixel data.
 
-    A deflated data set is inflated as a stream, keeping only its first
-    ``_DEFLATED_HEADER`` bytes, and refused (``_Oversize``) if it inflates to
-    more than ``DEFLATED_LIMIT`` bytes. Raises whatever pydicom raises on a file
-    it cannot parse.
+    The file meta is parsed once, and the data set is read on from there in its
+    transfer syntax; a file without a preamble or in a syntax pydicom must guess
+    goes through ``dcmread`` instead. A deflated data set is inflated as a
+    stream, keeping only its first ``_DEFLATED_HEADER`` bytes, and refused
+    (``_Oversize``) if it inflates to more than ``DEFLATED_LIMIT`` bytes. Raises
+    whatever pydicom raises on a file it cannot parse.
     """
     with open(path, "rb") as fh:
         # PS3.10 7.1: a 128-byte preamble, "DICM", then the group 0002 meta.
@@ -77,18 +90,29 @@ def read_header(path: Path, tags: list[str]) -> Dataset:
         if fh.read(4) != b"DICM":
             return _converted(dcmread(fh, stop_before_pixels=True, specific_tags=tags))
         meta = _read_file_meta_info(fh)
-        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-            fh.seek(0)
-            return _converted(dcmread(fh, stop_before_pixels=True, specific_tags=tags))
-        head = _inflate_head(fh)
-    ds = read_dataset(
-        io.BytesIO(head),
-        is_implicit_VR=False,
-        is_little_endian=True,
-        stop_when=_at_pixel_data,
-        # As dcmread does: keywords become tags, and the character set is read.
-        specific_tags=[Tag(t) for t in (*tags, "SpecificCharacterSet")],
-    )
+        syntax = meta.get("TransferSyntaxUID")
+        if syntax == DeflatedExplicitVRLittleEndian:
+            stream = io.BytesIO(_inflate_head(fh))
+            encoding = (False, True)
+        else:
+            encoding = _ENCODINGS.get(syntax)
+            if encoding is None and syntax is not None and syntax.is_transfer_syntax:
+                # PS3.5 10: every standard syntax but these three is explicit
+                # VR little endian outside its encapsulated pixel data.
+                encoding = (False, True)
+            if encoding is None:
+                fh.seek(0)
+                ds = dcmread(fh, stop_before_pixels=True, specific_tags=tags)
+                return _converted(ds)
+            stream = fh
+        ds = read_dataset(
+            stream,
+            is_implicit_VR=encoding[0],
+            is_little_endian=encoding[1],
+            stop_when=_at_pixel_data,
+            # As dcmread does: keywords become tags, and the character set is read.
+            specific_tags=[Tag(t) for t in (*tags, "SpecificCharacterSet")],
+        )
     ds.file_meta = meta
     return _converted(ds)
 
