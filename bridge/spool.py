@@ -18,6 +18,10 @@ No file name comes from received input: instances are named by their digest,
 envelopes by an id this module generated or validated as a UUID. A file is
 durable when :meth:`Spool.adopt_instance` or :func:`fsync_rename` returns: its
 bytes are fsynced, it is renamed into place and its folder is fsynced.
+
+A data set received over the network is written through an
+:class:`IncomingFile`, which hashes the bytes as they go by, so adopting it
+costs an fsync and a rename but no second read of the file.
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20  # 1 MiB reads: SHA-256 runs near disk speed with this size
 _ENVELOPE_FOLDERS = ("outbox", "inbox", "quarantine", "opened")
+# Threads that fsync received files in the background: one per association
+# receiving at the same moment is plenty; more only queue at the disk.
+_SYNC_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,74 @@ class DiskSpace:
     def free_ratio(self) -> float:
         """Free space as a fraction of the filesystem, 0.0-1.0."""
         return self.free_bytes / self.total_bytes if self.total_bytes else 0.0
+
+
+class IncomingFile:
+    """A file in ``incoming/`` that hashes its bytes while they are written.
+
+    It stands in for the ``NamedTemporaryFile`` that pynetdicom writes a
+    received data set to, and offers what pynetdicom uses of one: ``name``,
+    ``write``, ``file.flush`` and ``close``. Writes go straight to the file
+    descriptor, unbuffered, so ``flush`` has nothing to do. One thread writes it.
+    """
+
+    def __init__(self, folder: Path):
+        fd, self.name = tempfile.mkstemp(dir=folder, suffix=".dcm")
+        self._fd = fd
+        self._sha = hashlib.sha256()
+        self._synced: Future | None = None
+        self.size = 0
+        self.file = self  # pynetdicom flushes ``file``, as on a tempfile wrapper
+
+    def write(self, data) -> int:
+        """Write all of ``data`` and add it to the digest; return its length."""
+        view = memoryview(data)
+        self._sha.update(view)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        """Do nothing: every write already reached the file."""
+
+    def close(self) -> None:
+        """Close the file, after a background fsync of it ended; the bytes stay."""
+        if self._synced is not None:
+            self._synced.exception()  # waits; the fsync must not outlive the fd
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def sync_soon(self, pool: ThreadPoolExecutor) -> None:
+        """Start fsyncing the file on ``pool``; call once the last byte is written.
+
+        :meth:`digest_and_sync` then waits for that fsync instead of running its
+        own, so the disk works while the caller does other things.
+        """
+        if self._synced is None and self._fd >= 0:
+            self._synced = pool.submit(os.fsync, self._fd)
+
+    def digest_and_sync(self) -> tuple[str, int]:
+        """Fsync the file and return the SHA-256 and size of what was written.
+
+        Raises OSError when the fsync fails, or when the file on disk is not the
+        size written, so that a file changed behind our back is never named by
+        a digest it lacks.
+        """
+        if self._synced is not None and self._fd >= 0:
+            self._synced.result()
+            fd = self._fd
+        else:
+            fd = self._fd if self._fd >= 0 else os.open(self.name, os.O_RDONLY)
+            os.fsync(fd)
+        try:
+            if os.fstat(fd).st_size != self.size:
+                raise OSError(errno.EIO, "received file changed size", self.name)
+        finally:
+            if fd != self._fd:
+                os.close(fd)
+        return self._sha.hexdigest(), self.size
 
 
 class Spool:
@@ -90,6 +168,14 @@ class Spool:
             raise SpoolError(
                 f"spool {self.root}: cannot create its folders: {exc}"
             ) from exc
+        # Files being received, by name, until adopted or dropped by their
+        # writer; and the one each writing thread has open, for sync_received.
+        self._receiving: weakref.WeakValueDictionary[str, IncomingFile] = (
+            weakref.WeakValueDictionary()
+        )
+        self._receiving_lock = threading.Lock()
+        self._writing = threading.local()
+        self._sync_pool: ThreadPoolExecutor | None = None
 
     @property
     def incoming(self) -> Path:
@@ -98,17 +184,53 @@ class Spool:
 
     # -- instances --------------------------------------------------------------
 
+    def incoming_file(self, **_tempfile_options) -> IncomingFile:
+        """Return a new :class:`IncomingFile` in ``incoming/``.
+
+        Accepts and ignores ``NamedTemporaryFile``'s keyword arguments, so that
+        pynetdicom can call it in that function's place. Raises OSError.
+        """
+        incoming = IncomingFile(self.incoming)
+        with self._receiving_lock:
+            self._receiving[incoming.name] = incoming
+        self._writing.file = incoming
+        return incoming
+
+    def sync_received(self) -> None:
+        """Start the fsync of the file this thread has just finished writing.
+
+        Call from the thread that wrote an :meth:`incoming_file`, once its last
+        byte is in; does nothing when that thread has none open. The fsync runs
+        on a small pool of threads, and :meth:`adopt_instance` waits for it.
+        """
+        incoming = getattr(self._writing, "file", None)
+        if incoming is None:
+            return
+        self._writing.file = None
+        with self._receiving_lock:
+            if self._sync_pool is None:
+                self._sync_pool = ThreadPoolExecutor(
+                    max_workers=_SYNC_THREADS, thread_name_prefix="spool-sync"
+                )
+        incoming.sync_soon(self._sync_pool)
+
     def adopt_instance(self, src: Path) -> SpooledFile:
         """Make the received file ``src`` durable as a content-addressed instance.
 
-        Reads ``src`` once to hash it, fsyncs it and renames it into
-        ``instances/``; when ``src`` lies on another filesystem it is copied
+        Hashes ``src`` (from what was written, for a file from
+        :meth:`incoming_file`; else by reading it once), fsyncs it and renames
+        it into ``instances/``; when ``src`` lies on another filesystem it is copied
         instead and ``src`` is left in place. When an identical file is already
         spooled, ``src`` is left alone and the existing file is returned.
         Raises SpoolError when the file cannot be read, written or synced.
         """
+        with self._receiving_lock:
+            incoming = self._receiving.pop(str(src), None)
         try:
-            digest, size = _hash_and_sync(src)
+            if incoming is not None:
+                digest, size = incoming.digest_and_sync()
+            else:
+                digest, size = _hash_and_sync(src)
             rel = f"instances/{digest[:2]}/{digest}.dcm"
             dest = self.root / rel
             if dest.exists() and dest.stat().st_size == size:

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,54 @@ def test_sweep_incoming_removes_only_old_partial_files(spool):
     assert spool.sweep_incoming(older_than_seconds=60) == 1
     assert not old.exists()
     assert new.exists()
+
+
+def _received(spool, chunks):
+    """Write ``chunks`` through an incoming file, as pynetdicom does."""
+    incoming = spool.incoming_file(delete=False, mode="wb", suffix=".dcm")
+    for chunk in chunks:
+        incoming.write(chunk)
+        incoming.file.flush()
+    return incoming
+
+
+def test_incoming_file_is_adopted_without_reading_it_again(spool, monkeypatch):
+    incoming = _received(spool, [b"\0" * 128, b"DICM", b"data set"])
+    monkeypatch.setattr("bridge.spool._hash_and_sync", _must_not_be_called)
+
+    stored = spool.adopt_instance(Path(incoming.name))
+
+    expected = b"\0" * 128 + b"DICMdata set"
+    assert stored.digest == hashlib.sha256(expected).hexdigest()
+    assert stored.size_bytes == len(expected)
+    assert spool.path_of(stored.path).read_bytes() == expected
+    incoming.close()
+
+
+def test_incoming_file_fsynced_in_the_background_is_adopted(spool):
+    incoming = _received(spool, [b"fragment one", b"fragment two"])
+    spool.sync_received()
+
+    stored = spool.adopt_instance(Path(incoming.name))
+
+    assert spool.path_of(stored.path).read_bytes() == b"fragment onefragment two"
+    incoming.close()
+
+
+def test_sync_received_on_a_thread_that_wrote_nothing_does_nothing(spool):
+    spool.sync_received()
+    assert list(spool.incoming.iterdir()) == []
+
+
+def test_incoming_file_changed_behind_its_writer_is_not_adopted(spool):
+    incoming = _received(spool, [b"as received"])
+    with open(incoming.name, "ab") as fh:
+        fh.write(b" and more")
+
+    with pytest.raises(SpoolError):
+        spool.adopt_instance(Path(incoming.name))
+    incoming.close()
+
+
+def _must_not_be_called(*args):
+    raise AssertionError("the received file was read again")

@@ -28,7 +28,6 @@ sets); one process runs one listener.
 
 from __future__ import annotations
 
-import functools
 import logging
 import ssl
 import threading
@@ -301,6 +300,8 @@ class Listener:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
+        if self.ingest is not None:
+            handlers.append((evt.EVT_DIMSE_RECV, self._on_dimse_recv))
         if self.commitment is not None:
             handlers.append((evt.EVT_N_EVENT_REPORT, self._on_n_event_report))
         tls = self.settings.tls
@@ -353,14 +354,14 @@ class Listener:
         # STYLE: pynetdicom logs request and response identifiers by default.
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
-        # pynetdicom writes received data sets with tempfile's default folder;
-        # pointing it at the spool's incoming/ folder keeps it on the spool's
-        # filesystem, so adopting a file is a rename, not a second copy. The
-        # spool copies instead should this ever not hold.
+        # pynetdicom writes received data sets to a NamedTemporaryFile in
+        # tempfile's default folder. The spool's IncomingFile takes its place
+        # (README L-11): it lies in the spool's incoming/ folder, on the spool's
+        # filesystem, so adopting it is a rename rather than a second copy (the
+        # spool copies should this ever not hold), and it hashes the data set
+        # as it arrives, so adopting it needs no second read either.
         if self.spool is not None:
-            dimse_messages.NamedTemporaryFile = functools.partial(
-                NamedTemporaryFile, dir=self.spool.incoming
-            )
+            dimse_messages.NamedTemporaryFile = self.spool.incoming_file
 
     def _restore_pynetdicom(self) -> None:
         for name, value in self._saved.items():
@@ -500,6 +501,17 @@ class Listener:
         return self.commitment.handle(event)
 
     # -- C-STORE -----------------------------------------------------------------
+
+    def _on_dimse_recv(self, event: evt.Event) -> None:
+        # pynetdicom's DUL thread fires this as soon as a whole message is in,
+        # before the association's thread takes it from its queue (it looks
+        # every millisecond). A C-STORE data set is then complete on disk, so
+        # its fsync starts now and runs while the request waits and its header
+        # is read; the instance is still acknowledged only after the fsync.
+        try:
+            self.spool.sync_received()
+        except Exception as exc:  # nothing escapes a handler; adopting fsyncs
+            logger.warning("early fsync not started error=%s", _describe(exc))
 
     def _on_c_store(self, event: evt.Event) -> int:
         """Take one instance in; return its DIMSE status (PS3.4 B.2.3)."""
