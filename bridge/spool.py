@@ -86,10 +86,17 @@ class IncomingFile:
     def __init__(self, folder: Path):
         fd, self.name = tempfile.mkstemp(dir=folder, suffix=".dcm")
         self._fd = fd
+        # A data set cut short by an abort is never closed by pynetdicom; its
+        # descriptor goes when the object does (the file, at the next sweep).
+        self._closer = weakref.finalize(self, os.close, fd)
         self._sha = hashlib.sha256()
         self._synced: Future | None = None
         self.size = 0
-        self.file = self  # pynetdicom flushes ``file``, as on a tempfile wrapper
+
+    @property
+    def file(self) -> IncomingFile:
+        """This object: pynetdicom flushes ``file``, as on a tempfile wrapper."""
+        return self
 
     def write(self, data) -> int:
         """Write all of ``data`` and add it to the digest; return its length."""
@@ -108,7 +115,7 @@ class IncomingFile:
         if self._synced is not None:
             self._synced.exception()  # waits; the fsync must not outlive the fd
         if self._fd >= 0:
-            os.close(self._fd)
+            self._closer()
             self._fd = -1
 
     def sync_soon(self, pool: ThreadPoolExecutor) -> None:
@@ -193,7 +200,7 @@ class Spool:
         incoming = IncomingFile(self.incoming)
         with self._receiving_lock:
             self._receiving[incoming.name] = incoming
-        self._writing.file = incoming
+        self._writing.file = weakref.ref(incoming)
         return incoming
 
     def sync_received(self) -> None:
@@ -203,7 +210,8 @@ class Spool:
         byte is in; does nothing when that thread has none open. The fsync runs
         on a small pool of threads, and :meth:`adopt_instance` waits for it.
         """
-        incoming = getattr(self._writing, "file", None)
+        written = getattr(self._writing, "file", None)
+        incoming = written() if written is not None else None
         if incoming is None:
             return
         self._writing.file = None

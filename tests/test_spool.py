@@ -147,3 +147,13 @@ def test_incoming_file_changed_behind_its_writer_is_not_adopted(spool):
 
 def _must_not_be_called(*args):
     raise AssertionError("the received file was read again")
+
+
+def test_incoming_file_dropped_without_close_releases_its_descriptor(spool):
+    incoming = _received(spool, [b"cut short"])
+    fd = incoming._fd
+
+    del incoming
+
+    with pytest.raises(OSError):
+        os.fstat(fd)
