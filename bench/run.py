@@ -313,7 +313,9 @@ def _chain_round(
         cpu = {"a": a.cpu_seconds() - cpu_a, "b": b.cpu_seconds() - cpu_b}
         peak = {"a": a.peak_rss_mib(), "b": b.peak_rss_mib()}
         records = _chain_records(a, b)
-        # pynetdicom 3.0.4's stalled C-STORE (FIELD-NOTES) costs a DIMSE timeout.
+        # A forward association lost midway costs a DIMSE timeout before the
+        # rest is resent; pynetdicom 3.0.4's swallowed C-STORE response did this
+        # until the forwarder kept responses from its reactor (issue #8).
         stalls = b.daemon.log_text().count("association lost")
     finally:
         a.stop()
@@ -552,7 +554,7 @@ def table(results: dict) -> str:
             e2e["ratio_vs_direct"],
             ">= 0.12",
         ),
-        ("  quiet period + assembler poll, s", e2e["quiet_median_seconds"], "apart"),
+        ("  last instance to seal, s", e2e["quiet_median_seconds"], "apart"),
         ("  end to end incl. quiet / direct", e2e["ratio_vs_direct_incl_quiet"], ""),
         ("  seal + ship + open share of wall", e2e["seal_ship_open_share"], "< 0.25"),
         (

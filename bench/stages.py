@@ -75,6 +75,8 @@ def _forward(folder: str, port: str, ae_title: str) -> dict:
         "bytes": sum(p.stat().st_size for p in files),
         "delivered": result.count(Outcome.DELIVERED),
         "instances": len(files),
+        # More than one means an association was lost midway and the rest resent.
+        "associations": result.associations,
     }
 
 
