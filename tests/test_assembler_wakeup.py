@@ -7,6 +7,7 @@ noted deadline; none asserts how long anything took.
 
 import shutil
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -31,9 +32,8 @@ ROUTE = RouteRule(
 
 @pytest.fixture
 def store(tmp_path):
-    s = SQLiteStore(tmp_path / "state.sqlite")
-    yield s
-    s.close()
+    with closing(SQLiteStore(tmp_path / "state.sqlite")) as opened:
+        yield opened
 
 
 @pytest.fixture
@@ -111,15 +111,17 @@ def test_extended_study_is_sealed_once_at_its_moved_deadline(store, tmp_path):
     study_uid = generate_uid()
     first = _receive(ingest, tmp_path / "in", study_uid)
     assembler.start()
+    try:
+        # The thread plans for the first deadline; this instance moves it
+        # later, which needs no note: the round at the old deadline finds
+        # nothing due.
+        second = _receive(ingest, tmp_path / "in", study_uid)
 
-    # The thread plans for the first deadline; this instance moves it later,
-    # which needs no note: the round at the old deadline finds nothing due.
-    second = _receive(ingest, tmp_path / "in", study_uid)
-
-    assert sealed.event.wait(WAIT)
+        assert sealed.event.wait(WAIT)
+    finally:
+        assembler.stop()
     assert first.study_ref == second.study_ref
     study = store.get_study(first.study_ref)
-    assembler.stop()
     assert (study.state, study.instance_count) == (StudyState.SEALED, 2)
     assert sealed.triggers == ["quiet-period"]
 
