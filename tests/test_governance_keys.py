@@ -24,8 +24,8 @@ from bridge.errors import KeyFileError, UnknownSigner
 from bridge.jmix import TrustStore, fingerprint, generate_key_dir, load_key_dir
 from bridge.jmix._codec import b64encode
 from bridge.jmix.attestation import make_attestation
-from bridge.jmix.directory import DirectoryResolver
 from bridge.jmix.keys import PublicKeys, raw_public, read_public_keys
+from bridge.peer.directory import DirectoryResolver
 from tests.test_jmix_roundtrip import make_study
 
 REFERENCE = "directory://org/site-a#key-ed25519"

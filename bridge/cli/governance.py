@@ -20,7 +20,6 @@ from bridge import jmix
 from bridge.cli.envelope import EXIT_OK, _run
 from bridge.jmix._codec import dump_json
 from bridge.jmix.attestation import make_attestation
-from bridge.jmix.directory import DirectoryResolver
 from bridge.jmix.keys import (
     PublicKeys,
     public_pem,
@@ -28,6 +27,7 @@ from bridge.jmix.keys import (
     write_public_keys,
 )
 from bridge.jmix.request import make_request
+from bridge.peer.directory import DirectoryResolver
 
 
 def _read_text(source: str) -> str:

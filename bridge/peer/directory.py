@@ -1,5 +1,8 @@
 """An optional directory resolver: public keys fetched by reference, over HTTPS.
 
+It lives with the peer transport, not in :mod:`bridge.jmix`, because it speaks
+HTTP; the envelope library only verifies the attestation it returns.
+
 A directory serves ``GET <endpoint>/keys?ref=<key_reference>`` as JSON
 (docs/governance.md section 3)::
 
@@ -32,11 +35,10 @@ from bridge.errors import (
     UnknownSigner,
     VerificationFailed,
 )
-
-from ._codec import b64decode
-from .attestation import AttestationCheck, verify_attestation
-from .keys import PublicKey, fingerprint, normalise_fingerprint
-from .trust import TrustStore
+from bridge.jmix._codec import b64decode
+from bridge.jmix.attestation import AttestationCheck, verify_attestation
+from bridge.jmix.keys import PublicKey, fingerprint, normalise_fingerprint
+from bridge.jmix.trust import TrustStore
 
 logger = logging.getLogger(__name__)
 
