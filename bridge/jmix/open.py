@@ -102,14 +102,46 @@ class _DiskSink(Sink):
             self._fh = None
 
 
+class _RunningSink(Sink):
+    """Pass files on to ``inner`` while feeding the js running hash (section 5).
+
+    The running hash takes files in path order; it is right only when the tar
+    holds them in that order, which ``in_order`` records.
+    """
+
+    def __init__(self, inner: Sink):
+        self.inner = inner
+        self.running = hashlib.sha256()
+        self.in_order = True
+        self._last: str | None = None
+
+    def begin(self, name: str, size: int) -> None:
+        if self._last is not None and name <= self._last:
+            self.in_order = False
+        self._last = name
+        self.running.update(name.encode("utf-8") + b"\n")
+        self.inner.begin(name, size)
+
+    def write(self, data: bytes) -> None:
+        self.running.update(data)
+        self.inner.write(data)
+
+    def end(self) -> None:
+        self.inner.end()
+
+
 @dataclass
 class _Payload:
-    """The plaintext payload as one pass saw it."""
+    """The plaintext payload as one pass saw it.
+
+    ``hash_ok`` is None when the js hash could not be taken in the pass (the tar
+    is not in path order) and must be computed from the files afterwards.
+    """
 
     members: dict[str, Member]
     kept: dict[str, bytes]
     dialect: str
-    hash_ok: bool
+    hash_ok: bool | None
 
 
 def _looks_like_tar(block: bytes) -> bool:
@@ -164,6 +196,8 @@ class _Decryptor:
     def _pass(self, dialect: Dialect, sink: Sink | None, progress: Progress | None):
         opener = Opener(derive_key(self.secret, dialect.info), self.iv, self.tag)
         parser = None
+        if sink is not None and dialect is JS:
+            sink = running = _RunningSink(sink)
         if sink is not None:
             parser = TarParser(
                 sink, keep=_DOCS, on_kept=lambda name, data: _limits(parser, name, data)
@@ -198,7 +232,12 @@ class _Decryptor:
                 deferred = exc
         if deferred is not None:
             raise deferred
-        digest = (plain_hash if dialect.hash_plaintext else cipher_hash).digest()
+        if dialect is JS:
+            digest = running.running.digest() if running.in_order else None
+        elif dialect.hash_plaintext:
+            digest = plain_hash.digest()
+        else:
+            digest = cipher_hash.digest()
         return parser, digest
 
     def run(self, make_sink: Callable[[], Sink], progress: Progress | None) -> _Payload:
@@ -214,13 +253,32 @@ class _Decryptor:
                 parser, digest = self._pass(dialect, make_sink(), progress)
             except AuthenticationFailed:
                 continue
-            hash_ok = (
-                self.declared is None
-                or parse_hash(self.declared, "manifest.json: security.payload_hash")
-                == digest
-            )
+            hash_ok = None
+            if self.declared is None:
+                hash_ok = True
+            elif digest is not None:
+                want = parse_hash(self.declared, "manifest.json: security.payload_hash")
+                hash_ok = want == digest
             return _Payload(parser.members, parser.kept, dialect.name, hash_ok)
         raise AuthenticationFailed(stage="payload")
+
+    def js_digest(self, members: dict[str, Member], root: Path | None) -> bytes:
+        """Return the js running hash of the payload, taking files in path order.
+
+        Used only when the tar was not in path order. ``root`` is the folder the
+        authenticated pass wrote; without one (verification) the payload is
+        decrypted once more into a private temporary folder, hashed from there
+        and removed, so that memory stays constant and no destination is touched.
+        """
+        if root is not None:
+            return _js_hash_from_disk(root, members)
+        with tempfile.TemporaryDirectory(prefix="jmix-verify-") as tmp:
+            sink = _DiskSink(Path(tmp))
+            try:
+                parser, _ = self._pass(JS, sink, None)
+            finally:
+                sink.abort()
+            return _js_hash_from_disk(Path(tmp), parser.members)
 
 
 def _read_clear(source: Source, sink: Sink, declared: str | None) -> _Payload:
@@ -255,6 +313,7 @@ def _read_clear(source: Source, sink: Sink, declared: str | None) -> _Payload:
 
 
 def _js_hash_from_disk(root: Path, members: dict[str, Member]) -> bytes:
+    """Return the running hash of section 5 over files written under ``root``."""
     running = hashlib.sha256()
     for rel in sorted(members):
         running.update(rel.encode("utf-8") + b"\n")
@@ -314,14 +373,14 @@ def _process(
                 raise ValueError("encryption_key: required for an encrypted envelope")
             decryptor = _Decryptor(source, ciphers[0], manifest, encryption_key)
             payload = decryptor.run(make_sink, progress)
+            if payload.hash_ok is None:
+                want = parse_hash(declared, "manifest.json: security.payload_hash")
+                got = decryptor.js_digest(payload.members, disk_root())
+                payload.hash_ok = want == got
         else:
             payload = _read_clear(source, make_sink(), declared)
 
     # Step 3: the payload hash, files.json and metadata.json.
-    root = disk_root()
-    if payload.dialect == JS.name and declared and root is not None:
-        want = parse_hash(declared, "manifest.json: security.payload_hash")
-        payload.hash_ok = want == _js_hash_from_disk(root, payload.members)
     if not payload.hash_ok:
         raise IntegrityError("the payload does not match the manifest's payload_hash")
     if declared is None:

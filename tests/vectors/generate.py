@@ -3,13 +3,16 @@
 Each case is a folder ``<case>/`` holding ``envelope.zip`` and ``expect.json``
 (the expected outcome: ``opens`` or the name of the error, and the receiver
 policy to open it with). The keys in ``keys/`` are fixed test keys; they protect
-nothing. Usage: ``python tests/vectors/generate.py`` from the repository root.
+nothing. Usage: ``python tests/vectors/generate.py [CASE ...]`` from the
+repository root; with case names, only those are written (every build draws a
+fresh ephemeral key, so regenerating all of them rewrites every zip).
 """
 
 import hashlib
 import io
 import json
 import shutil
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -29,6 +32,7 @@ KEYS = HERE / "keys"
 ID = "4c2f1d6e-8a3b-4e5f-9a7c-1b2d3e4f5a6b"
 STAMP = "2026-01-15T09:30:00Z"
 SOP = "1.2.826.0.1.3680043.8.498.1.1"
+ONLY: set[str] = set()
 
 
 def _dicom() -> bytes:
@@ -108,6 +112,8 @@ def build(
     zip_extra: list[tuple[str, bytes]] = (),
 ) -> None:
     """Write one vector: build the payload, seal, sign, zip, then describe it."""
+    if ONLY and case not in ONLY:
+        return
     docs = _documents(_dicom())
     key = load_signing_key(KEYS / signer / "signing.key")
     out: dict[str, bytes] = {}
@@ -238,6 +244,29 @@ def main() -> None:
         "ok-rs", opens("rs dialect: payload.enc, ./ names, plaintext hash"), dialect=RS
     )
     build("ok-js", opens("js dialect: payload/ tar names, folder hash"), dialect=JS)
+    # The js hash takes files in path order; a tar in another order cannot be
+    # hashed as it streams, so these exercise the hash taken from the files.
+    unsorted = list(reversed(_files(docs, JS)))
+    build(
+        "ok-js-unsorted-tar",
+        opens("js dialect, tar members not in path order"),
+        dialect=JS,
+        entries=unsorted,
+    )
+    zero_hash = "sha256:" + "0" * 64
+    build(
+        "refuse-js-payload-hash-mismatch",
+        fails("IntegrityError", "js dialect, folder hash signed but wrong"),
+        dialect=JS,
+        tweak=lambda m: m["security"].__setitem__("payload_hash", zero_hash),
+    )
+    build(
+        "refuse-js-unsorted-tar-payload-hash-mismatch",
+        fails("IntegrityError", "js dialect, tar not in path order, hash wrong"),
+        dialect=JS,
+        entries=unsorted,
+        tweak=lambda m: m["security"].__setitem__("payload_hash", zero_hash),
+    )
     build(
         "ok-clear",
         opens(
@@ -339,7 +368,7 @@ def main() -> None:
     build(
         "refuse-payload-hash-mismatch",
         fails("IntegrityError", "payload_hash signed but wrong"),
-        tweak=lambda m: m["security"].__setitem__("payload_hash", "sha256:" + "0" * 64),
+        tweak=lambda m: m["security"].__setitem__("payload_hash", zero_hash),
     )
     wrong = dict(docs)
     wrong[f"dicom/{SOP}.dcm"] = dicom[:-1] + bytes([dicom[-1] ^ 1])
@@ -392,4 +421,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    ONLY.update(sys.argv[1:])
     main()
