@@ -12,10 +12,10 @@ from pydicom.uid import generate_uid
 from bridge.errors import (
     AuthenticationFailed,
     IntegrityError,
+    MalformedEnvelope,
     PolicyViolation,
     UnknownSigner,
     UnpackableStudy,
-    VerificationFailed,
 )
 from bridge.jmix import (
     Entity,
@@ -37,7 +37,7 @@ SHIPPED = [
     "MR_small_bigendian.dcm",  # explicit VR big endian
     "MR_small_implicit.dcm",  # implicit VR little endian
     "JPEG2000.dcm",  # JPEG 2000
-    "JPEG-lossy.dcm",  # JPEG baseline
+    "JPEG-lossy.dcm",  # JPEG Extended (process 2 and 4), 12-bit
     "SC_rgb_rle_2frame.dcm",  # RLE, multi-frame
     "J2K_pixelrep_mismatch.dcm",  # ISO 2022 IR 13/87 (Japanese) character sets
 ]
@@ -268,36 +268,89 @@ def test_open_into_an_existing_empty_destination(tmp_path, sites):
     assert opened.dicom_files[0].parent == tmp_path / "out" / "dicom"
 
 
-def test_any_flipped_byte_of_the_zip_is_refused_and_nothing_is_written(tmp_path, sites):
-    a, b = sites
-    seal(make_study(tmp_path / "src", count=1), tmp_path / "env.zip", a, b)
-    data = (tmp_path / "env.zip").read_bytes()
-    with zipfile.ZipFile(tmp_path / "env.zip") as zf:
-        info = next(
-            i for i in zf.infolist() if i.filename.endswith("payload.encrypted")
-        )
+def entry_span(data: bytes, info: zipfile.ZipInfo) -> tuple[int, int]:
+    """Return where an entry's stored bytes start and end in the zip ``data``."""
     # The data starts after the local header (APPNOTE 4.3.7), whose extra field
     # differs from the central directory's.
     local = data[info.header_offset : info.header_offset + 30]
     start = info.header_offset + 30 + int.from_bytes(local[26:28], "little")
     start += int.from_bytes(local[28:30], "little")
-    for offset in (
-        start,
-        start + info.compress_size // 2,
-        start + info.compress_size - 1,
+    return start, start + info.compress_size
+
+
+def flipped_copy(tmp_path: Path, data: bytes, offset: int) -> Path:
+    """Write ``data`` with one bit of the byte at ``offset`` flipped; return it."""
+    bad = bytearray(data)
+    bad[offset] ^= 0x40
+    (tmp_path / "bad.zip").write_bytes(bad)
+    return tmp_path / "bad.zip"
+
+
+@pytest.fixture
+def sealed(tmp_path, sites):
+    """An encrypted envelope's bytes and its zip entries by short name."""
+    a, b = sites
+    seal(make_study(tmp_path / "src", count=1), tmp_path / "env.zip", a, b)
+    with zipfile.ZipFile(tmp_path / "env.zip") as zf:
+        infos = {i.filename.rsplit("/", 1)[-1]: i for i in zf.infolist()}
+    return (tmp_path / "env.zip").read_bytes(), infos
+
+
+KEPT = ["env.zip", "keys-a", "keys-b", "src"]
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_flipped_ciphertext_byte_says_only_authentication_failed(
+    tmp_path, sites, sealed, where
+):
+    # The zip's CRC-32 of the ciphertext entry also catches the flip; it must
+    # not surface as an error of its own (an oracle on which check caught it).
+    a, b = sites
+    data, infos = sealed
+    start, end = entry_span(data, infos["payload.encrypted"])
+    offset = {"first": start, "middle": (start + end) // 2, "last": end - 1}[where]
+    bad = flipped_copy(tmp_path, data, offset)
+
+    for attempt in (
+        lambda: unseal(bad, tmp_path / "out", a, b),
+        lambda: verify_envelope(
+            bad, encryption_key=b.keys.encryption_key, trust=a.trust
+        ),
     ):
-        bad = bytearray(data)
-        bad[offset] ^= 0x40
-        (tmp_path / "bad.zip").write_bytes(bad)
-        with pytest.raises(VerificationFailed):
-            unseal(tmp_path / "bad.zip", tmp_path / "out", a, b)
-        assert sorted(p.name for p in tmp_path.iterdir()) == [
-            "bad.zip",
-            "env.zip",
-            "keys-a",
-            "keys-b",
-            "src",
-        ]
+        with pytest.raises(AuthenticationFailed) as caught:
+            attempt()
+        assert str(caught.value) == "authentication failed"
+        assert caught.value.stage == "payload"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip", *KEPT]
+
+
+@pytest.mark.parametrize(
+    ("region", "error", "message"),
+    [
+        ("manifest.json data", IntegrityError, "manifest.json: corrupt zip entry"),
+        ("audit.json data", IntegrityError, "audit.json: corrupt zip entry"),
+        ("ciphertext local header", MalformedEnvelope, "unreadable"),
+        ("end of central directory", MalformedEnvelope, "not a readable zip"),
+    ],
+)
+def test_flipped_byte_outside_the_ciphertext_gets_its_specific_error(
+    tmp_path, sites, sealed, region, error, message
+):
+    a, b = sites
+    data, infos = sealed
+    offsets = {
+        "manifest.json data": entry_span(data, infos["manifest.json"])[0] + 5,
+        "audit.json data": entry_span(data, infos["audit.json"])[0] + 5,
+        # The local header's signature (APPNOTE 4.3.7).
+        "ciphertext local header": infos["payload.encrypted"].header_offset,
+        "end of central directory": data.rindex(b"PK\x05\x06"),
+    }
+    bad = flipped_copy(tmp_path, data, offsets[region])
+
+    with pytest.raises(error, match=message) as caught:
+        unseal(bad, tmp_path / "out", a, b)
+    assert not isinstance(caught.value, AuthenticationFailed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip", *KEPT]
 
 
 def test_check_sender_needs_no_decryption_key(tmp_path, sites):

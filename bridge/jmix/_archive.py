@@ -15,7 +15,12 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
-from bridge.errors import IntegrityError, MalformedEnvelope, UnsafeEntry
+from bridge.errors import (
+    AuthenticationFailed,
+    IntegrityError,
+    MalformedEnvelope,
+    UnsafeEntry,
+)
 
 _SMALL_LIMIT = 64 * 1024 * 1024
 _MAX_ENTRIES = 1_000_000
@@ -123,15 +128,25 @@ class ZipOut:
 
 
 class _Guarded:
-    """A zip entry stream that reports a corrupt entry as an integrity failure."""
+    """A zip entry stream that reports a corrupt entry as an integrity failure.
 
-    def __init__(self, stream: BinaryIO, name: str):
+    For an ``authenticated`` entry (the ciphertext) a corrupt entry, a CRC-32
+    mismatch above all, is an authentication failure instead: its bytes are
+    the attacker's to change, and the GCM tag is what decides whether they
+    changed. Reporting the zip's CRC apart would tell an attacker which of
+    the two checks caught an edit (docs/envelope.md section 8).
+    """
+
+    def __init__(self, stream: BinaryIO, name: str, authenticated: bool = False):
         self._stream, self._name = stream, name
+        self._authenticated = authenticated
 
     def read(self, size: int = -1) -> bytes:
         try:
             return self._stream.read(size)
         except (*_ZIP_ERRORS, OSError) as exc:
+            if self._authenticated and not isinstance(exc, OSError):
+                raise AuthenticationFailed(stage="payload") from exc
             raise IntegrityError(f"{self._name}: corrupt zip entry ({exc})") from exc
 
     def close(self) -> None:
@@ -232,8 +247,13 @@ class Source:
             f"{self.path}: no manifest.json at the root or under one top-level folder"
         )
 
-    def open(self, name: str) -> BinaryIO:
-        """Open entry ``name`` (relative to the envelope root) for reading."""
+    def open(self, name: str, *, authenticated: bool = False) -> BinaryIO:
+        """Open entry ``name`` (relative to the envelope root) for reading.
+
+        ``authenticated`` marks an entry whose integrity a cryptographic check
+        decides (the ciphertext): a corrupt zip entry then raises
+        :class:`AuthenticationFailed`, not :class:`IntegrityError`.
+        """
         if name not in self.names:
             raise MalformedEnvelope(f"{self.path}: {name} is missing")
         if self._zip is None:
@@ -246,7 +266,7 @@ class Source:
             raise MalformedEnvelope(
                 f"zip entry {name!r:.200}: unreadable ({exc!s:.200})"
             ) from exc
-        return _Guarded(stream, name)
+        return _Guarded(stream, name, authenticated)
 
     def read_small(self, name: str, limit: int = _SMALL_LIMIT) -> bytes:
         """Read a small entry whole, refusing one larger than ``limit`` bytes."""

@@ -181,7 +181,7 @@ class _Decryptor:
     def _order(self) -> list[Dialect]:
         # A cheap guess from the first tar header decides the order of trial;
         # only the tag of a full pass ever decides authenticity.
-        with self.source.open(self.name) as fh:
+        with self.source.open(self.name, authenticated=True) as fh:
             head = fh.read(BLOCK)
         order = candidates(self.name)
         return sorted(
@@ -205,7 +205,7 @@ class _Decryptor:
         cipher_hash, plain_hash = hashlib.sha256(), hashlib.sha256()
         deferred: EnvelopeError | None = None
         total, done = self.source.names[self.name], 0
-        with self.source.open(self.name) as fh:
+        with self.source.open(self.name, authenticated=True) as fh:
             while chunk := fh.read(CHUNK):
                 plain = opener.update(chunk)
                 if parser is not None:
