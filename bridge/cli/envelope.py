@@ -228,6 +228,15 @@ def _inspect(args) -> int:
     return EXIT_OK
 
 
+def _policy_help(element: str) -> str:
+    """Return the help of a governance policy option (docs/governance.md 5)."""
+    return (
+        f"how to treat {element}: required (refuse without it), "
+        "verified-if-present (default; refuse it if present and failing), or "
+        "ignored (accept a failing one with a warning)"
+    )
+
+
 def _reader_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "envelope",
@@ -276,7 +285,10 @@ def _reader_options(sub: argparse.ArgumentParser) -> None:
         help="a requester's signing.pub; repeat for several",
     )
     sub.add_argument(
-        "--requester-policy", choices=policies, default="verified-if-present"
+        "--requester-policy",
+        choices=policies,
+        default="verified-if-present",
+        help=_policy_help("the requester block (checked with --requester-trust)"),
     )
     sub.add_argument(
         "--directory-key",
@@ -296,9 +308,19 @@ def _reader_options(sub: argparse.ArgumentParser) -> None:
         help="the key_reference the --trust keys are known by",
     )
     sub.add_argument(
-        "--key-reference-policy", choices=policies, default="verified-if-present"
+        "--key-reference-policy",
+        choices=policies,
+        default="verified-if-present",
+        help=_policy_help(
+            "the sender's key_reference (compared with --expect-key-reference)"
+        ),
     )
-    sub.add_argument("--audit-policy", choices=policies, default="verified-if-present")
+    sub.add_argument(
+        "--audit-policy",
+        choices=policies,
+        default="verified-if-present",
+        help=_policy_help("audit.json (entries by pinned nodes are verified)"),
+    )
 
 
 def register(subparsers) -> None:
