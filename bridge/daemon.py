@@ -574,6 +574,7 @@ class Bridge:
             senders,
             trust={name: s.trust for name, s in parts.senders.items()},
             policies={name: s.policy for name, s in parts.senders.items()},
+            on_refused=parts.metrics.envelope_received,
         )
         app: web.Application = create_app(server, senders, intake)
         trust_by_peer = {

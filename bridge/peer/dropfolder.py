@@ -37,6 +37,7 @@ from bridge.errors import (
 )
 from bridge.peer.intake import Intake
 from bridge.peer.settings import InboundSender
+from bridge.receiving.opener import classify
 from bridge.spool import fsync_rename, validate_envelope_id
 
 logger = logging.getLogger(__name__)
@@ -149,13 +150,21 @@ class InboxWatcher:
         return taken
 
     def _take(self, path: Path) -> bool:
+        # Intake counts what its check refuses; what is refused here before it,
+        # a file naming no configured sender, and a known id, are counted here.
         try:
             sender = self._sender_of(path)
+        except EnvelopeError as exc:
+            self.intake.refused(classify(exc))
+            self._set_aside(path, f"{type(exc).__name__}: {exc}")
+            return False
+        try:
             checked = self.intake.check(path, sender, authenticated=False)
         except EnvelopeError as exc:
             self._set_aside(path, f"{type(exc).__name__}: {exc}")
             return False
         if self.intake.is_known(checked.envelope_id):
+            self.intake.refused("duplicate", sender.name)
             self._set_aside(path, f"envelope {checked.envelope_id} already received")
             return False
 

@@ -10,6 +10,10 @@ every file is the opener's work, on the queued ``open`` job.
 
 An id is refused as a duplicate when an inbound envelope with that id is
 recorded or was accepted (``Store.is_seen``); nothing new is kept then.
+
+Each envelope is counted once in ``jmix_bridge_envelopes_received_total``: here
+when intake refuses it (:meth:`Intake.refused`, with the opener's outcome
+labels), by the opener when it accepts or quarantines it.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge import jmix
-from bridge.errors import MalformedEnvelope, PolicyViolation, SpoolError
+from bridge.errors import EnvelopeError, MalformedEnvelope, PolicyViolation, SpoolError
 
 # The one private import: reading the sender's documents out of a zip whose
 # envelope sits at the root or under one folder is the library's own logic.
 from bridge.jmix._archive import Source
 from bridge.peer.settings import InboundSender
+from bridge.receiving.opener import OutcomeHook, classify
 from bridge.spool import Spool, fsync_rename, validate_envelope_id
 from bridge.store.base import Envelope, NewJob, Store
 
@@ -55,6 +60,7 @@ class Intake:
     the trust stores and open policies the opener will apply (this node's own
     id as the expected receiver, the governance policies); given them, the
     upload is refused for what the opener would refuse, before it is stored.
+    ``on_refused(outcome, sender)`` counts each refusal (for metrics).
     """
 
     def __init__(
@@ -65,8 +71,10 @@ class Intake:
         *,
         trust: Mapping[str, jmix.TrustStore] | None = None,
         policies: Mapping[str, jmix.OpenPolicy] | None = None,
+        on_refused: OutcomeHook | None = None,
     ):
         self.store = store
+        self._on_refused: OutcomeHook = on_refused or (lambda outcome, sender: None)
         self.spool = spool
         self._trust = {
             s.name: jmix.TrustStore([(s.id or None, key) for key in s.signing_keys])
@@ -87,8 +95,23 @@ class Intake:
         identity (an HTTP credential); without it the envelope must be signed
         whatever the sender's trust setting. Raises MalformedEnvelope (not an
         envelope, or its id is not a UUID) or a VerificationFailed subclass
-        (not from this sender as its trust demands).
+        (not from this sender as its trust demands); each refusal is counted.
         """
+        try:
+            return self._check(path, sender, authenticated)
+        except EnvelopeError as exc:
+            self.refused(classify(exc), sender.name)
+            raise
+
+    def refused(self, outcome: str, sender: str = "") -> None:
+        """Count an envelope refused before it was stored (``sender`` "": unknown).
+
+        ``outcome`` is one of the opener's labels (``classify``) or a transport
+        refusal: ``unauthorized``, ``too_large``, ``malformed``, ``duplicate``.
+        """
+        self._on_refused(outcome, sender)
+
+    def _check(self, path: Path, sender: InboundSender, authenticated: bool) -> Checked:
         manifest, manifest_bytes, jws = _sender_documents(path)
         raw_id = manifest.get("id", "")
         try:
@@ -126,7 +149,8 @@ class Intake:
 
         Records the envelope as ``stored`` and enqueues its ``open`` job in one
         transaction. Returns False, leaving ``part`` where it is, when the id is
-        known already. Raises SpoolError or StoreError.
+        known already (counted as a ``duplicate``). Raises SpoolError or
+        StoreError.
         """
         envelope_id = checked.envelope_id
         dest = self.spool.envelope_path("inbox", envelope_id)
@@ -148,6 +172,7 @@ class Intake:
 
         with self._lock:
             if self.is_known(envelope_id):
+                self.refused("duplicate", sender.name)
                 return False
             # A file already at dest has no record (checked just above): it was
             # left by a crash between the rename and the commit, so replace it.
@@ -155,6 +180,7 @@ class Intake:
             if not self.store.put_envelope(env, jobs=[job]):
                 # Recorded meanwhile by another process sharing the store; the
                 # file we moved holds the same envelope id, so leave it.
+                self.refused("duplicate", sender.name)
                 return False
 
         logger.info(

@@ -159,6 +159,16 @@ def _refusal(exc: Refused) -> web.Response:
     return resp
 
 
+# The outcome label (metrics.RECEIVE_OUTCOMES) of an upload refused by status.
+_REFUSAL_OUTCOMES = {401: "unauthorized", 403: "unauthorized", 413: "too_large"}
+
+
+def _refused_upload(request: web.Request, exc: Refused, sender: str = "") -> None:
+    """Count an upload refused before its envelope was checked (400s: malformed)."""
+    outcome = _REFUSAL_OUTCOMES.get(exc.status, "malformed")
+    request.app[_INTAKE].refused(outcome, sender)
+
+
 def _authenticate(request: web.Request) -> InboundSender:
     return request.app[_AUTH].identify(request)
 
@@ -178,10 +188,12 @@ def _check_upload_headers(request: web.Request) -> None:
 
 async def _expect_handler(request: web.Request) -> web.StreamResponse | None:
     """Answer ``Expect: 100-continue`` with the refusal, if any, else continue."""
+    sender = None
     try:
-        _authenticate(request)
+        sender = _authenticate(request)
         _check_upload_headers(request)
     except Refused as exc:
+        _refused_upload(request, exc, sender.name if sender else "")
         return _refusal(exc)
     if request.headers.get("Expect", "").lower() != "100-continue":
         raise web.HTTPExpectationFailed(text="unknown Expect value")
@@ -191,10 +203,12 @@ async def _expect_handler(request: web.Request) -> web.StreamResponse | None:
 
 async def post_envelope(request: web.Request) -> web.StreamResponse:
     """``POST /api/jmix``: store an envelope zip and queue it for opening."""
+    sender = None
     try:
         sender = _authenticate(request)
         _check_upload_headers(request)
     except Refused as exc:
+        _refused_upload(request, exc, sender.name if sender else "")
         return _refusal(exc)
     intake = request.app[_INTAKE]
     limit = request.app[_SETTINGS].max_body_bytes
@@ -204,6 +218,7 @@ async def post_envelope(request: web.Request) -> web.StreamResponse:
         size = await _receive(request, part, limit)
     except Refused as exc:
         _discard(part)
+        _refused_upload(request, exc, sender.name)
         logger.warning("upload refused sender=%s status=%d", sender.name, exc.status)
         return _refusal(exc)
     except BaseException:
