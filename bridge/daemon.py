@@ -406,6 +406,7 @@ class Bridge:
                 peer, size, stages
             ),
             governance=sender_governance(cfg),
+            on_held=parts.metrics.study_held,
         )
         deliverer = Deliverer(
             parts.store,
@@ -528,7 +529,10 @@ class Bridge:
                 on_sealed=parts.metrics.study_sealed,
             )
             parts.assembler = Assembler(
-                parts.store, routes, on_sealed=parts.metrics.study_sealed
+                parts.store,
+                routes,
+                on_sealed=parts.metrics.study_sealed,
+                on_held=parts.metrics.study_held,
             )
             parts.assembler.start()
         settings = ListenerSettings(

@@ -11,6 +11,8 @@ import subprocess
 import pytest
 import yaml
 
+from bridge.dicom import listener as listener_module
+from bridge.ops.metrics import RECEIVE_OUTCOMES, REJECT_REASONS, STATUS_CLASSES, word
 from tests.support.paths import REPO
 from tests.test_ops_support import add_dead_job, add_study, served_bridge
 
@@ -84,3 +86,31 @@ def test_sample_alerts_pass_promtool_check_rules():
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def documented_values(metric: str) -> set[str]:
+    """Return the backquoted label values in the meaning column of ``metric``'s row."""
+    for line in (DOCS / "metrics.md").read_text().splitlines():
+        if line.startswith(f"| `{metric}` |"):
+            meaning = line.rstrip(" |").rsplit(" | ", 1)[1]
+            return set(re.findall(r"`([a-z_]+)`", meaning))
+    raise AssertionError(f"{metric} has no row in docs/metrics.md")
+
+
+def test_documented_rejection_reasons_are_the_listeners():
+    from_listener = {word(reason) for reason in listener_module._ASSOC_REJECT}
+
+    assert from_listener == REJECT_REASONS
+    assert documented_values("jmix_bridge_associations_rejected_total") == (
+        REJECT_REASONS
+    )
+
+
+def test_documented_dimse_status_classes_are_the_counted_ones():
+    assert documented_values("jmix_bridge_dimse_responses_total") == STATUS_CLASSES
+
+
+def test_documented_receive_outcomes_are_the_counted_ones():
+    assert documented_values("jmix_bridge_envelopes_received_total") == (
+        RECEIVE_OUTCOMES
+    )

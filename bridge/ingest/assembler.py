@@ -74,10 +74,13 @@ class Assembler:
         interval_seconds: float = 1.0,
         clock: Callable[[], float] = time.time,
         on_sealed: Callable[[str, float], None] | None = None,
+        on_held: Callable[[], None] | None = None,
     ):
         self.store = store
-        # Told (trigger, assembly seconds) for every study sealed, for metrics.
+        # Told (trigger, assembly seconds) for every study sealed, and called for
+        # every study held, for metrics.
         self.on_sealed = on_sealed or (lambda trigger, seconds: None)
+        self.on_held = on_held or (lambda: None)
         self.routes = {r.name: r for r in routes}
         self.interval_seconds = interval_seconds
         self._clock = clock
@@ -108,6 +111,7 @@ class Assembler:
                     else "route no longer configured"
                 )
                 self.store.hold_study(study.ref, reason)
+                self.on_held()
                 logger.warning("study held study=%s reason=%s", study.ref, reason)
                 continue
             by_age = study.seal_due >= (

@@ -30,7 +30,7 @@ from bridge.faults import test_only_crash_point
 from bridge.jmix import Entity, Request, pack
 from bridge.peer.deliver import deliver_job
 from bridge.spool import Spool
-from bridge.store import Envelope, Job, Store
+from bridge.store import Envelope, Job, Store, StudyState
 from bridge.workers.base import JobContext, Outcome
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class Sealer:
         peers: dict[str, PeerEnvelopeSettings],
         on_built: BuiltHook | None = None,
         governance: SenderGovernance | None = None,
+        on_held: Callable[[], None] | None = None,
     ):
         self.governance = governance or SenderGovernance()
         self.store = store
@@ -90,6 +91,8 @@ class Sealer:
         self.signing_key = signing_key
         self.peers = peers
         self.on_built = on_built or (lambda peer, size, stages: None)
+        # Called once for each study this sealer holds back, for metrics.
+        self.on_held = on_held or (lambda: None)
 
     def __call__(self, job: Job, ctx: JobContext) -> Outcome:
         """Pack the job's study for its peer; see the module docstring."""
@@ -125,6 +128,9 @@ class Sealer:
                     attestation=self.governance.attestation,
                 )
             except UnpackableStudy as exc:
+                # A study routed to several peers fails for each: count it once.
+                if study.state is not StudyState.HELD:
+                    self.on_held()
                 self.store.hold_study(ref, f"cannot be packed: {exc}")
                 logger.error("study held study=%s reason=unpackable", ref)
                 return Outcome.dead(

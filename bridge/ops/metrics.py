@@ -56,8 +56,23 @@ NONE = "none"
 # like short words; anything else is a bug or input and is folded into "other".
 _WORD = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
-# DIMSE status classes of PS3.7 Annex C: the only values dimse_status() keeps.
-STATUS_CLASSES = frozenset({"success", "warning", "failure", "cancel", "pending"})
+# DIMSE status classes of PS3.7 Annex C that a C-STORE or C-ECHO response can
+# carry (neither has a pending status): the only values dimse_status() keeps.
+STATUS_CLASSES = frozenset({"success", "warning", "failure", "cancel"})
+
+# Why the listener refused an association (bridge.dicom.listener, hyphens made
+# underscores); anything else reads "other".
+REJECT_REASONS = frozenset(
+    {
+        "calling_ae",
+        "host",
+        "called_ae",
+        "unrouted",
+        "max_associations",
+        "disk_full",
+        "error",
+    }
+)
 
 # Why an envelope was accepted or refused on the receiving side.
 RECEIVE_OUTCOMES = frozenset(
@@ -304,8 +319,8 @@ class Metrics:
         self.associations_active.dec()
 
     def association_rejected(self, reason: str) -> None:
-        """Count a rejected association; ``reason`` is a short word of the code."""
-        self.associations_rejected.labels(word(reason)).inc()
+        """Count a rejected association; ``reason`` is one of ``REJECT_REASONS``."""
+        self.associations_rejected.labels(word(reason, REJECT_REASONS)).inc()
 
     def instance_received(self, calling_ae: str, nbytes: int) -> None:
         """Count an instance stored in the spool and its size."""
@@ -314,7 +329,7 @@ class Metrics:
         self.received_bytes.labels(label).inc(max(0, nbytes))
 
     def dimse_status(self, status_class: str) -> None:
-        """Count a DIMSE response: success, warning, failure, cancel or pending."""
+        """Count a DIMSE response: success, warning, failure or cancel."""
         self.dimse_responses.labels(word(status_class, STATUS_CLASSES)).inc()
 
     def study_sealed(self, trigger: str, assembly_seconds: float) -> None:
