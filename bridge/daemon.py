@@ -616,7 +616,7 @@ class Bridge:
                 not has_listener
                 or (parts.listener is not None and parts.listener.bound)
             ),
-            keys_loaded=lambda: parts.keys is not None,
+            keys=parts.keys,
         )
 
     # -- stop -------------------------------------------------------------------

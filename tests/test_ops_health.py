@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 
 import pytest
 
 from bridge.config import Size, SpoolSettings
-from bridge.ops.health import Check, flag, run_checks, spool_has_room, standard_checks
+from bridge.jmix import generate_key_dir, load_key_dir
+from bridge.ops.health import (
+    Check,
+    flag,
+    keys_on_disk,
+    run_checks,
+    spool_has_room,
+    standard_checks,
+)
 from bridge.store.sqlite import SQLiteStore
 from tests.test_ops_support import served_bridge
 
@@ -89,7 +98,7 @@ def test_standard_checks_cover_listener_store_spool_and_keys(tmp_path):
         spool_path=tmp_path,
         spool=SpoolSettings(min_free_bytes=Size(0), min_free_ratio=0.0),
         listener_bound=lambda: bound["listener"],
-        keys_loaded=lambda: True,
+        keys=generate_and_load(tmp_path / "keys"),
     )
 
     before = run_checks(checks)
@@ -100,3 +109,29 @@ def test_standard_checks_cover_listener_store_spool_and_keys(tmp_path):
     assert list(before.checks) == ["listener", "store", "spool", "keys"]
     assert before.failing == ["listener"]
     assert after.ready
+
+
+def generate_and_load(folder):
+    """Create a node key folder and return its keys as the daemon holds them."""
+    generate_key_dir(folder)
+    return load_key_dir(folder)
+
+
+def test_keys_check_fails_naming_the_file_when_a_key_file_is_removed(tmp_path):
+    keys = generate_and_load(tmp_path / "keys")
+    (tmp_path / "keys" / "encryption.key").unlink()
+
+    result = run_checks([keys_on_disk(keys)])
+
+    assert result.failing == ["keys"]
+    assert "encryption.key" in result.checks["keys"]
+
+
+def test_keys_check_fails_when_the_key_files_hold_other_keys(tmp_path):
+    keys = generate_and_load(tmp_path / "keys")
+    shutil.rmtree(tmp_path / "keys")
+    generate_key_dir(tmp_path / "keys")
+
+    result = run_checks([keys_on_disk(keys)])
+
+    assert "are not the keys in use" in result.checks["keys"]

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.config import SpoolSettings
+from bridge.errors import KeyFileError
+from bridge.jmix import KeyDir, load_key_dir
 from bridge.store.base import Store
 
 logger = logging.getLogger(__name__)
@@ -100,8 +102,35 @@ def spool_has_room(path: Path, min_free_bytes: int, min_free_ratio: float) -> Ch
     return Check("spool", run)
 
 
+def keys_on_disk(loaded: KeyDir) -> Check:
+    """Check that the node's key files still hold the keys the daemon signs with.
+
+    The daemon keeps its keys in memory; a key file removed, made unreadable
+    or replaced (a rotation without a restart) would not stop it now but means
+    that a restart fails, or signs with keys the peers have not pinned. Reads
+    two small files and compares fingerprints of their public halves.
+    """
+
+    def run() -> str | None:
+        try:
+            on_disk = load_key_dir(loaded.path)
+        except KeyFileError as exc:
+            return f"node keys cannot be loaded: {exc}"
+        if (on_disk.signing_fingerprint, on_disk.encryption_fingerprint) != (
+            loaded.signing_fingerprint,
+            loaded.encryption_fingerprint,
+        ):
+            return (
+                f"node keys in {loaded.path} are not the keys in use "
+                "(changed since start); restart the bridge to use them"
+            )
+        return None
+
+    return Check("keys", run)
+
+
 def flag(name: str, is_ok: Callable[[], bool], problem: str) -> Check:
-    """Check a boolean the daemon keeps (listener bound, keys loaded)."""
+    """Check a boolean the daemon keeps (the listener is bound)."""
 
     def run() -> str | None:
         return None if is_ok() else problem
@@ -115,12 +144,12 @@ def standard_checks(
     spool_path: Path,
     spool: SpoolSettings,
     listener_bound: Callable[[], bool],
-    keys_loaded: Callable[[], bool],
+    keys: KeyDir,
 ) -> list[Check]:
     """Return the daemon's readiness checks: listener, store, spool, keys."""
     return [
         flag("listener", listener_bound, "DICOM listener is not bound"),
         store_writable(store),
         spool_has_room(spool_path, spool.min_free_bytes, spool.min_free_ratio),
-        flag("keys", keys_loaded, "node keys are not loaded"),
+        keys_on_disk(keys),
     ]
