@@ -268,6 +268,7 @@ def _show_studies(body: dict) -> None:
                 ("size_bytes", "BYTES"),
                 ("last", "LAST RECEIVED"),
                 ("assembly_seconds", "ASSEMBLY_S"),
+                ("delivery", "DELIVERY"),
             ],
         )
     )

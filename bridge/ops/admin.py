@@ -260,5 +260,5 @@ async def quarantine_delete(request: web.Request, ctx: OpsContext) -> web.Respon
 
 async def studies(request: web.Request, ctx: OpsContext) -> web.Response:
     """Return the most recently active studies, newest first."""
-    found = await asyncio.to_thread(ctx.store.recent_studies, _limit(request, 50))
-    return web.json_response({"studies": [views.study_row(s) for s in found]})
+    found = await asyncio.to_thread(views.study_rows, ctx.store, _limit(request, 50))
+    return web.json_response({"studies": found})

@@ -88,7 +88,7 @@ def render_status(ctx: OpsContext, now: float | None = None) -> str:
     now = time.time() if now is None else now
     info = views.summary(ctx, now)
     circuits = views.circuit_rows(ctx)
-    recent = [views.study_row(s) for s in ctx.store.recent_studies(STUDY_LIMIT)]
+    recent = views.study_rows(ctx.store, STUDY_LIMIT)
     quarantined = views.quarantine(ctx)
 
     queue_rows = [
@@ -132,6 +132,7 @@ def render_status(ctx: OpsContext, now: float | None = None) -> str:
         + _cell(clock(s["last_received"]))
         + _cell(duration(s["assembly_seconds"]), "num")
         + _cell(s["hold_reason"] or s["seal_trigger"])
+        + _cell(s["delivery"], "delivery arrived" if s["arrived"] else "delivery")
         + "</tr>"
         for s in recent
     ]
@@ -159,7 +160,7 @@ def render_status(ctx: OpsContext, now: float | None = None) -> str:
         quarantined=info["quarantined_envelopes"],
         queue_rows=_rows(queue_rows, 7, "no jobs"),
         circuit_rows=_rows(circuit_rows, 4, "no peers or destinations configured"),
-        study_rows=_rows(study_rows, 10, "no studies yet"),
+        study_rows=_rows(study_rows, 11, "no studies yet"),
         quarantine_rows=_rows(quarantine_rows, 5, "quarantine is empty"),
     )
 

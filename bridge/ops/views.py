@@ -9,13 +9,16 @@ texts written by other components (errors, reasons) pass through
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from bridge import __version__
 from bridge.ops.context import OpsContext
 from bridge.ops.logs import redact
-from bridge.store.base import Envelope, Job, JobState, Study
+from bridge.receiving.receipts import ARRIVED
+from bridge.store.base import Envelope, Job, JobState, Store, Study
 
 QUARANTINE_LIMIT = 500
+DELIVERY_LIMIT = 1000
 
 
 def queue_rows(ctx: OpsContext, now: float | None = None) -> list[dict]:
@@ -64,8 +67,58 @@ def circuit_rows(ctx: OpsContext) -> dict[str, list[dict]]:
     }
 
 
-def study_row(study: Study) -> dict:
-    """Return what an operator sees of a study: its reference, counts, timings."""
+def delivery_rows(store: Store, refs: Iterable[str]) -> dict[str, list[dict]]:
+    """Return, by study reference, the outgoing envelopes of those studies.
+
+    Each row says which peer it went to, its state (``built``, ``delivered``,
+    ``arrived`` once the receiving side's signed receipt says the instances
+    reached its PACS) and the receipt's counts. Looks among the newest
+    ``DELIVERY_LIMIT`` outgoing envelopes only.
+    """
+    wanted = set(refs)
+    found: dict[str, list[dict]] = {}
+    for env in store.find_envelopes(direction="out", limit=DELIVERY_LIMIT):
+        if env.study_ref not in wanted:
+            continue
+        receipt = env.details.get("receipt") or {}
+        found.setdefault(env.study_ref, []).append(
+            {
+                "id": env.id,
+                "peer": env.peer,
+                "state": env.state,
+                "arrived": env.state == ARRIVED,
+                "delivered": receipt.get("delivered"),
+                "refused": receipt.get("refused"),
+            }
+        )
+    return found
+
+
+def delivery_text(envelopes: list[dict]) -> str:
+    """Return one line on where a study's envelopes are: ``site-b arrived (12)``."""
+    parts = []
+    for env in sorted(envelopes, key=lambda e: (e["peer"], e["id"])):
+        text = f"{env['peer']} {env['state']}"
+        if env["arrived"]:
+            text += f" ({env['delivered']} stored"
+            text += f", {env['refused']} refused)" if env["refused"] else ")"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def study_rows(store: Store, limit: int) -> list[dict]:
+    """Return the most recently active studies with their deliveries, newest first."""
+    studies = store.recent_studies(limit)
+    deliveries = delivery_rows(store, (s.ref for s in studies))
+    return [study_row(s, deliveries.get(s.ref, [])) for s in studies]
+
+
+def study_row(study: Study, envelopes: list[dict] | None = None) -> dict:
+    """Return what an operator sees of a study: its reference, counts, timings.
+
+    ``envelopes`` are its outgoing envelopes (:func:`delivery_rows`);
+    ``arrived`` is true once every one of them has arrived.
+    """
     assembly = (
         round(study.sealed_at - study.first_received, 3)
         if study.sealed_at is not None
@@ -85,6 +138,9 @@ def study_row(study: Study) -> dict:
         "assembly_seconds": assembly,
         "seal_trigger": study.seal_trigger,
         "hold_reason": redact(study.hold_reason),
+        "envelopes": envelopes or [],
+        "arrived": bool(envelopes) and all(e["arrived"] for e in envelopes),
+        "delivery": delivery_text(envelopes or []),
     }
 
 
