@@ -2,6 +2,7 @@
 start's embedded defaults, and a real PACS (Orthanc) at the far end."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -13,12 +14,35 @@ from pydicom import dcmread
 from bridge.store import SQLiteStore
 from tests.support.compare import dataset_bytes, dataset_bytes_of
 from tests.support.daemon import Daemon, quick_start
-from tests.support.dcmtk import storescu
+from tests.support.dcmtk import echoscu, storescu
 from tests.support.net import wait_until
 from tests.support.orthanc import Orthanc
+from tests.support.sites import Sites
 from tests.support.studies import make_study
+from tests.test_ops_metrics import value
+from tests.test_ops_status import chromium
 
 MARKER = "Zzmarker^Uniquepatient"
+ADMIN_TOKEN = "admin-token-of-the-daemon-test"
+
+
+def admin_cli(delivered, *argv: str) -> subprocess.CompletedProcess:
+    """Run ``jmix-bridge ARGV`` against the fixture's daemon, token from the env."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bridge",
+            *argv,
+            "--url",
+            f"http://127.0.0.1:{delivered['http']}",
+        ],
+        env={**delivered["daemon"].env, "JMIX_BRIDGE_ADMIN_TOKEN": ADMIN_TOKEN},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -37,7 +61,10 @@ def delivered(tmp_path_factory):
     root = tmp_path_factory.mktemp("daemon")
     pacs = Orthanc(root / "orthanc")
     daemon, dicom_port, http_port = quick_start(
-        root / "bridge", pacs.dicom_port, pacs.ae_title
+        root / "bridge",
+        pacs.dicom_port,
+        pacs.ae_title,
+        env={"JMIX_BRIDGE_ADMIN_TOKEN": ADMIN_TOKEN},
     )
     study = make_study(root / "study", series=2, per_series=4)
     for path in study:
@@ -60,6 +87,7 @@ def delivered(tmp_path_factory):
             "study": study,
             "sent": sent,
             "http": http_port,
+            "dicom": dicom_port,
             "db": db,
             "metrics": _get(http_port, "/metrics")[1].decode(),
             "status": _get(http_port, "/status")[1].decode(),
@@ -135,6 +163,110 @@ def test_metrics_count_the_instances_and_the_accepted_envelope(delivered):
     )
 
 
+def metric(delivered, name: str, **labels) -> float | None:
+    """Return a sample of the metrics scraped once the study had arrived."""
+    return value(delivered["metrics"], name, **labels)
+
+
+def test_metrics_count_the_modality_association_as_accepted(delivered):
+    assert (
+        metric(delivered, "jmix_bridge_associations_accepted_total", calling_ae="other")
+        == 1
+    )
+
+
+def test_metrics_count_one_success_response_per_instance_sent(delivered):
+    assert metric(
+        delivered, "jmix_bridge_dimse_responses_total", status="success"
+    ) == len(delivered["study"])
+
+
+def test_metrics_count_the_study_sealed_by_its_quiet_period(delivered):
+    assert (
+        metric(delivered, "jmix_bridge_studies_sealed_total", trigger="quiet_period")
+        == 1
+    )
+    assert metric(delivered, "jmix_bridge_study_assembly_seconds_count") == 1
+
+
+def test_metrics_count_the_built_envelope_and_time_each_build_stage(delivered):
+    assert metric(delivered, "jmix_bridge_envelopes_built_total", peer="self") == 1
+    for stage in ("scan", "tar_encrypt", "zip"):
+        assert (
+            metric(delivered, "jmix_bridge_envelope_build_seconds_count", stage=stage)
+            == 1
+        ), stage
+
+
+def test_metrics_count_the_delivery_and_the_forward_as_done(delivered):
+    attempts = "jmix_bridge_job_attempts_total"
+    assert metric(delivered, attempts, queue="deliver", target="self", result="done")
+    assert metric(delivered, attempts, queue="forward", target="pacs", result="done")
+    assert metric(delivered, attempts, queue="seal", target="self", result="done")
+
+
+def test_metrics_count_every_instance_forwarded_to_the_pacs(delivered):
+    assert metric(
+        delivered,
+        "jmix_bridge_instances_forwarded_total",
+        destination="pacs",
+        outcome="delivered",
+    ) == len(delivered["study"])
+
+
+def test_metrics_count_an_association_to_a_wrong_called_ae_as_rejected(delivered):
+    port = delivered["http"]
+    result = echoscu(delivered["dicom"], called="NOTTHEBRIDGE")
+
+    text = _get(port, "/metrics")[1].decode()
+
+    assert result.returncode != 0
+    assert (
+        value(text, "jmix_bridge_associations_rejected_total", reason="called_ae") == 1
+    )
+
+
+def test_status_page_in_chromium_shows_the_sent_study_and_its_arrival(
+    delivered, tmp_path
+):
+    store = SQLiteStore(delivered["db"])
+    [study] = store.recent_studies()
+    store.close()
+
+    dom = chromium(
+        tmp_path, "--dump-dom", f"http://127.0.0.1:{delivered['http']}/status"
+    )
+
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    row = re.search(
+        rf'<tr data-ref="{re.escape(study.ref)}">(.*?)</tr>', dom.stdout, re.S
+    )
+    assert row is not None, "no row for the sent study"
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1), re.S)
+    assert str(len(delivered["study"])) in cells
+    assert f"self arrived ({len(delivered['study'])} stored)" in cells
+
+
+def test_studies_command_shows_that_the_study_arrived_at_the_pacs(delivered):
+    store = SQLiteStore(delivered["db"])
+    [study] = store.recent_studies()
+    store.close()
+
+    result = admin_cli(delivered, "studies")
+
+    assert result.returncode == 0, result.stderr
+    [line] = [x for x in result.stdout.splitlines() if x.startswith(study.ref)]
+    assert line.endswith(f"self arrived ({len(delivered['study'])} stored)")
+
+
+def test_admin_api_says_the_study_arrived(delivered):
+    result = admin_cli(delivered, "studies", "--json")
+
+    [study] = json.loads(result.stdout)["studies"]
+    assert study["arrived"] is True
+    assert [e["state"] for e in study["envelopes"]] == ["arrived"]
+
+
 def test_readyz_reports_every_check_ok(delivered):
     status, body = _get(delivered["http"], "/readyz")
     assert status == 200, body
@@ -205,3 +337,34 @@ def test_a_second_process_on_the_same_state_database_is_refused(tmp_path):
         assert first.proc.poll() is None
     finally:
         assert first.stop() == 0
+
+
+def test_readyz_answers_503_naming_the_keys_when_a_key_file_is_removed(tmp_path):
+    daemon, _, http = quick_start(tmp_path / "bridge", pacs_port=9)
+    try:
+        (tmp_path / "bridge" / "data" / "keys" / "encryption.key").unlink()
+
+        status, body = _get(http, "/readyz")
+    finally:
+        daemon.stop()
+
+    answer = json.loads(body)
+    assert status == 503
+    assert answer["failing"] == ["keys"]
+    assert "encryption.key" in answer["checks"]["keys"]
+
+
+def test_readyz_answers_503_naming_the_spool_when_the_watermark_exceeds_the_disk(
+    tmp_path,
+):
+    sites = Sites(tmp_path, ("PACS", 9), b={"spool": {"min_free_bytes": 2**60}})
+    daemon = sites.start_b()
+    try:
+        status, body = _get(sites.b_http, "/readyz")
+    finally:
+        daemon.stop()
+
+    answer = json.loads(body)
+    assert status == 503
+    assert answer["failing"] == ["spool"]
+    assert "under the watermark" in answer["checks"]["spool"]

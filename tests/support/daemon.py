@@ -80,9 +80,16 @@ class Daemon:
 
 
 def quick_start(
-    root: Path, pacs_port: int, pacs_ae: str = "ORTHANC", quiet_seconds: float = 1.0
+    root: Path,
+    pacs_port: int,
+    pacs_ae: str = "ORTHANC",
+    quiet_seconds: float = 1.0,
+    env: dict | None = None,
 ) -> tuple[Daemon, int, int]:
-    """Start the embedded-defaults daemon on free ports; return it and its ports."""
+    """Start the embedded-defaults daemon on free ports; return it and its ports.
+
+    ``env`` adds to the daemon's environment (an admin token, say).
+    """
     dicom, http = free_port(), free_port()
     daemon = Daemon(
         root,
@@ -98,5 +105,6 @@ def quick_start(
             "--quiet-seconds",
             str(quiet_seconds),
         ],
+        env=env,
     ).start()
     return daemon, dicom, http
