@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from pynetdicom.association import Association
 
 from bridge import __version__
 from bridge.config import (
@@ -289,6 +290,26 @@ def _status_class(status: int) -> str:
     if status == 0xFE00:
         return "cancel"
     return "failure"
+
+
+ABORT_GRACE_SECONDS = 2.0
+"""How long handlers get to return once their associations were aborted at stop."""
+
+
+def abort_outgoing_associations() -> int:
+    """Send A-ABORT (PS3.8 7.3) on every association this process requested that
+    is still open; return how many. Called at stop, once every worker has
+    finished or had its job released."""
+    stuck = [
+        t
+        for t in threading.enumerate()
+        if isinstance(t, Association) and t.is_alive() and t.is_requestor
+    ]
+    for assoc in stuck:
+        assoc.abort()
+    if stuck:
+        logger.warning("associations aborted at shutdown count=%d", len(stuck))
+    return len(stuck)
 
 
 # -- the process ------------------------------------------------------------------
@@ -622,7 +643,12 @@ class Bridge:
     # -- stop -------------------------------------------------------------------
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Stop accepting, let workers finish or release their jobs, close."""
+        """Stop accepting, let workers finish or release their jobs, close.
+
+        The workers get ``timeout`` seconds between them; with the HTTP
+        server's grace and the abort of stuck associations the whole stop
+        takes under 30 s (docs/architecture.md, "Shutdown").
+        """
         parts = self.parts
         if parts is None:
             return
@@ -640,6 +666,13 @@ class Bridge:
         share = timeout / max(len(parts.workers), 1)
         for worker in parts.workers.values():
             worker.stop(timeout=share)
+        # A handler still waiting on a peer that does not answer has had its job
+        # released just now. Abort its association, so that it returns and the
+        # process can end: pynetdicom's DUL thread is not a daemon thread.
+        if abort_outgoing_associations():
+            grace = ABORT_GRACE_SECONDS / len(parts.workers)
+            for worker in parts.workers.values():
+                worker.stop(timeout=grace)
         for client in parts.clients:
             client.close()
         parts.store.close()

@@ -6,19 +6,22 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 
 import pytest
 from pydicom import dcmread
+from pynetdicom import AE, StoragePresentationContexts, evt
 
-from bridge.store import SQLiteStore
+from bridge.store import JobState, SQLiteStore
 from tests.support.compare import dataset_bytes, dataset_bytes_of
 from tests.support.daemon import Daemon, quick_start
 from tests.support.dcmtk import echoscu, storescu
-from tests.support.net import wait_until
+from tests.support.net import free_port, wait_until
 from tests.support.orthanc import Orthanc
 from tests.support.sites import Sites
 from tests.support.studies import make_study
+from tests.test_ops_intake import pack_for_b, post
 from tests.test_ops_metrics import value
 from tests.test_ops_status import chromium
 
@@ -368,3 +371,63 @@ def test_readyz_answers_503_naming_the_spool_when_the_watermark_exceeds_the_disk
     assert status == 503
     assert answer["failing"] == ["spool"]
     assert "under the watermark" in answer["checks"]["spool"]
+
+
+SHUTDOWN_BOUND_SECONDS = 30  # docs/architecture.md "Shutdown"
+
+
+@pytest.fixture
+def stalled_pacs():
+    """A PACS that accepts associations and never answers a C-STORE (until the end).
+
+    Yields its port and an event set once a C-STORE request has come in.
+    """
+    received, release = threading.Event(), threading.Event()
+
+    def on_store(event):
+        received.set()
+        release.wait(120)
+        return 0xA700  # out of resources, should the test ever let it answer
+
+    ae = AE(ae_title="STALL")
+    ae.supported_contexts = StoragePresentationContexts
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        yield port, received
+    finally:
+        release.set()
+        server.shutdown()
+
+
+def test_sigterm_during_a_stalled_forward_exits_0_and_puts_the_job_back(
+    tmp_path, stalled_pacs
+):
+    port, received = stalled_pacs
+    sites = Sites(tmp_path, ("STALL", port))
+    # Longer than the test: the forward is still waiting when SIGTERM comes.
+    sites.b_conf["destinations"][0]["dimse_timeout"] = 600.0
+    envelope = pack_for_b(sites, tmp_path / "envelope.zip")
+    daemon = sites.start_b()
+    try:
+        answer = post(sites.b_http, envelope.path.read_bytes())
+        assert answer.status_code == 201, answer.text
+        wait_until(received.is_set, timeout=60, what="the forward's C-STORE")
+    finally:
+        code = daemon.stop(signal.SIGTERM, timeout=SHUTDOWN_BOUND_SECONDS)
+
+    store = SQLiteStore(sites.db("b"))
+    try:
+        [job] = store.list_jobs(queue="forward")
+    finally:
+        store.close()
+    assert code == 0, daemon.log_text()[-3000:]
+    assert job.state is JobState.READY
+    assert job.attempts == 0
+    assert job.last_error in (None, "")
+    released = [
+        x for x in daemon.log_text().splitlines() if "released at shutdown" in x
+    ]
+    assert [x.endswith(f"queue=forward job={job.id}") for x in released] == [True]

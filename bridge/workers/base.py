@@ -284,13 +284,16 @@ class Worker:
             attempts, job.created_at, time.time()
         ):
             delay = retry.delay(attempts, outcome.retry_after)
-            self.store.retry_later(
+            if not self.store.retry_later(
                 job.id,
                 owner,
                 outcome.error,
                 time.time() + delay,
                 payload=outcome.payload,
-            )
+            ):
+                # Released at shutdown (or expired): the attempt is not counted.
+                self._report(queue, target, "lease-lost")
+                return
             logger.warning(
                 "job retry scheduled queue=%s job=%d target=%s "
                 "attempt=%d delay_seconds=%.1f error=%s",
@@ -303,7 +306,11 @@ class Worker:
             )
             self._report(queue, target, "retry")
             return
-        self.store.dead_letter(job.id, owner, outcome.error, payload=outcome.payload)
+        if not self.store.dead_letter(
+            job.id, owner, outcome.error, payload=outcome.payload
+        ):
+            self._report(queue, target, "lease-lost")
+            return
         logger.error(
             "job dead-lettered queue=%s job=%d target=%s attempts=%d error=%s",
             queue,
