@@ -276,8 +276,11 @@ def _check_file(
 ) -> None:
     if path is None:
         return
-    if not path.is_file():
+    if not path.exists():
         problems.append(f"{where}: no such file: {path}")
+        return
+    if not path.is_file():
+        problems.append(f"{where}: not a regular file: {path}")
         return
     if not os.access(path, os.R_OK):
         problems.append(f"{where}: not readable: {path}")

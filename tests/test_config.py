@@ -1,11 +1,16 @@
 """Configuration: typed loading, every problem reported with its path, secrets."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
 from bridge.config import Secret, Size, env_name, load_config
 from bridge.errors import ConfigError
+from tests.support.net import free_port
+from tests.support.paths import REPO
+from tests.support.sites import Sites
 
 
 def _write(tmp_path, text):
@@ -95,12 +100,18 @@ peers:
     assert repr(Secret("x")) == "Secret('***')"
 
 
-def test_private_key_readable_by_others_is_refused(tmp_path):
+def _node_keys(tmp_path):
+    """Create ``keys/`` with both private key files, mode 600; return the folder."""
     keys = tmp_path / "keys"
     keys.mkdir()
     for name in ("signing.key", "encryption.key"):
         (keys / name).write_text("k")
         os.chmod(keys / name, 0o600)
+    return keys
+
+
+def test_private_key_readable_by_others_is_refused(tmp_path):
+    keys = _node_keys(tmp_path)
     os.chmod(keys / "signing.key", 0o644)
     path = _write(tmp_path, "node: {keys: keys, data_dir: data}\n")
     with pytest.raises(ConfigError) as info:
@@ -198,3 +209,103 @@ def test_retry_numbers_out_of_range_are_refused(tmp_path):
     problems = _problems(path)
     assert "peers[0].retry.factor: expected 1 or more, got 0.5" in problems
     assert "peers[0].retry.max_attempts: expected 1 or more, got 0" in problems
+
+
+def test_key_file_that_cannot_be_read_is_reported_with_its_path(tmp_path):
+    # Root reads a file whatever its mode: a folder where the file should be is
+    # a key file no one can read as one.
+    keys = _node_keys(tmp_path)
+    (keys / "signing.key").unlink()
+    (keys / "signing.key").mkdir()
+    path = _write(tmp_path, "node: {keys: keys, data_dir: data}\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    assert (
+        f"node.keys (signing.key): not a regular file: {keys / 'signing.key'}"
+        in info.value.problems
+    )
+
+
+def test_data_dir_under_a_regular_file_is_reported_with_its_path(tmp_path):
+    _node_keys(tmp_path)
+    (tmp_path / "plain-file").write_text("not a folder")
+    path = _write(tmp_path, "node: {keys: keys, data_dir: plain-file/data}\n")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+
+    assert info.value.problems == [
+        f"node.data_dir: {tmp_path / 'plain-file' / 'data'} cannot be created "
+        "or written"
+    ]
+
+
+def _jmix_bridge(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *argv],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+BAD_CONFIG = """
+node: {keys: keys, data_dir: plain-file/data}
+dicom: {port: eleven, ae_titel: X}
+http: {port: %d}
+"""
+
+
+def _bad_config(tmp_path):
+    keys = _node_keys(tmp_path)
+    (keys / "signing.key").unlink()
+    (keys / "signing.key").mkdir()
+    (tmp_path / "plain-file").write_text("not a folder")
+    return _write(tmp_path, BAD_CONFIG % free_port()), keys
+
+
+def test_check_config_exits_2_listing_every_problem_with_its_path(tmp_path):
+    path, keys = _bad_config(tmp_path)
+
+    result = _jmix_bridge("check-config", "-c", str(path))
+
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert lines[0] == "configuration has 4 problem(s):"
+    assert sorted(line.strip() for line in lines[1:]) == sorted(
+        [
+            "dicom.ae_titel: unknown key (expected one of ae_title, allowed_callers, "
+            "check_called_ae, duplicates, host, max_associations, max_pdu, port, "
+            "tls, unrouted)",
+            "dicom.port: expected an integer, got 'eleven'",
+            f"node.keys (signing.key): not a regular file: {keys / 'signing.key'}",
+            f"node.data_dir: {tmp_path / 'plain-file' / 'data'} cannot be created "
+            "or written",
+        ]
+    )
+
+
+def test_check_config_exits_0_for_a_valid_file(tmp_path):
+    sites = Sites(tmp_path, ("PACS", 9))
+    _, path_b = sites.write()
+
+    result = _jmix_bridge("check-config", "-c", str(path_b))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"configuration is valid: {path_b}"
+
+
+def test_run_refuses_a_bad_file_before_it_starts_anything(tmp_path):
+    path, _ = _bad_config(tmp_path)
+
+    result = _jmix_bridge("run", "-c", str(path))
+
+    assert result.returncode == 2
+    assert "configuration has 4 problem(s):" in result.stderr
+    # The daemon logs each socket it opens, and its start; none of it happened.
+    for event in ("peer api listening", "listener started", "bridge started"):
+        assert event not in result.stderr
