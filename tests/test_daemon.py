@@ -16,6 +16,7 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 from bridge.store import JobState, SQLiteStore
 from tests.support.compare import dataset_bytes, dataset_bytes_of
 from tests.support.daemon import Daemon, quick_start
+from tests.support.daemon import admin_cli as run_admin_cli
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.net import free_port, wait_until
 from tests.support.orthanc import Orthanc
@@ -31,21 +32,7 @@ ADMIN_TOKEN = "admin-token-of-the-daemon-test"
 
 def admin_cli(delivered, *argv: str) -> subprocess.CompletedProcess:
     """Run ``jmix-bridge ARGV`` against the fixture's daemon, token from the env."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bridge",
-            *argv,
-            "--url",
-            f"http://127.0.0.1:{delivered['http']}",
-        ],
-        env={**delivered["daemon"].env, "JMIX_BRIDGE_ADMIN_TOKEN": ADMIN_TOKEN},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_admin_cli(delivered["http"], ADMIN_TOKEN, *argv)
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:

@@ -10,13 +10,11 @@ verbs run as ``python -m bridge VERB --url URL`` with the same variable set.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, admin_cli
 from tests.support.net import wait_until
 from tests.support.sites import Pacs, Sites
 from tests.test_ops_intake import flipped_byte, pack_for_b, post, rewrite_member
@@ -45,21 +43,7 @@ class Live:
 
     def cli(self, *argv: str) -> subprocess.CompletedProcess:
         """Run ``jmix-bridge ARGV --url <site B>``; the token comes from the env."""
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bridge",
-                *argv,
-                "--url",
-                f"http://127.0.0.1:{self.sites.b_http}",
-            ],
-            env={**os.environ, **self.daemon.env, **ENV},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return admin_cli(self.sites.b_http, ADMIN_TOKEN, *argv)
 
     def quarantine(self) -> list[dict]:
         """Return ``quarantine list --json``'s envelopes."""

@@ -108,3 +108,22 @@ def quick_start(
         env=env,
     ).start()
     return daemon, dicom, http
+
+
+def admin_cli(http_port: int, token: str, *argv: str) -> subprocess.CompletedProcess:
+    """Run ``jmix-bridge ARGV --url <daemon>`` with ``token`` in the environment."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bridge",
+            *argv,
+            "--url",
+            f"http://127.0.0.1:{http_port}",
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO), "JMIX_BRIDGE_ADMIN_TOKEN": token},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
