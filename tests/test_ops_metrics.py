@@ -10,7 +10,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.config import Config, HttpSettings, TLSFiles
+from bridge.ingest.assembler import Assembler
 from bridge.ops import Metrics
+from bridge.store import StudyState
 from tests.support.net import free_port, wait_until
 from tests.support.pki import CertificateAuthority
 from tests.test_ops_docs import dashboard_queries
@@ -273,3 +275,20 @@ def test_attaching_state_again_replaces_the_first_sources(bridge):
 
     assert text.count("# TYPE jmix_bridge_store_up gauge") == 1
     assert "jmix_bridge_spool_free_ratio" not in text
+
+
+def test_a_study_the_assembler_holds_counts_in_studies_held(bridge):
+    metrics = Metrics(Config())
+    study, _ = add_study(bridge.store, seal=False)
+    # Its route has left the configuration: at its deadline it is held, not sealed.
+    assembler = Assembler(
+        bridge.store,
+        [],
+        clock=lambda: study.seal_due + 1,
+        on_held=metrics.study_held,
+    )
+
+    assembler.run_once()
+
+    assert bridge.store.get_study(study.ref).state is StudyState.HELD
+    assert value(metrics.exposition().decode(), "jmix_bridge_studies_held_total") == 1
