@@ -11,6 +11,7 @@ from bridge.cli import main
 from bridge.store.base import JobState
 from tests.test_ops_support import (
     ADMIN_TOKEN,
+    add_arrived,
     add_dead_job,
     add_quarantined,
     add_study,
@@ -212,3 +213,17 @@ def test_cli_with_a_wrong_token_exits_1(bridge, monkeypatch, capsys):
 
     assert code == 1
     assert "HTTP 401" in capsys.readouterr().err
+
+
+def test_studies_say_whether_their_envelopes_arrived(bridge):
+    arrived, _ = add_study(bridge.store)
+    add_arrived(bridge.store, arrived)
+    waiting, _ = add_study(bridge.store)
+
+    body = bridge.get("/admin/api/studies").json()
+
+    by_ref = {s["ref"]: s for s in body["studies"]}
+    assert by_ref[arrived.ref]["arrived"] is True
+    assert by_ref[arrived.ref]["delivery"] == "site-b arrived (2 stored)"
+    assert by_ref[waiting.ref]["arrived"] is False
+    assert by_ref[waiting.ref]["envelopes"] == []

@@ -17,6 +17,7 @@ from bridge.ops.status import render_status
 from tests.support.paths import REPO
 from tests.test_ops_support import (
     PATIENT_MARKER,
+    add_arrived,
     add_dead_job,
     add_quarantined,
     add_study,
@@ -86,6 +87,7 @@ def test_status_page_shows_no_uid_or_patient_value(bridge):
 
 def test_status_page_renders_in_chromium_and_shows_a_sent_study(bridge, tmp_path):
     study, _ = add_study(bridge.store, instances=3)
+    add_arrived(bridge.store, study)
     add_study(bridge.store, seal=False)
     add_dead_job(bridge.store)
     add_quarantined(bridge.store, bridge.spool)
@@ -99,6 +101,7 @@ def test_status_page_renders_in_chromium_and_shows_a_sent_study(bridge, tmp_path
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert f'data-ref="{study.ref}"' in dom.stdout
     assert '<b id="dead-letter">1</b>' in dom.stdout
+    assert '<td class="delivery arrived">site-b arrived (3 stored)</td>' in dom.stdout
     assert shot_run.returncode == 0, shot_run.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("JMIX_BRIDGE_TEST_WRITE_SCREENSHOT") == "1":

@@ -159,6 +159,24 @@ def add_quarantined(
     return store.get_envelope(envelope_id, "in"), path
 
 
+def add_arrived(store: SQLiteStore, study: Study, peer: str = "site-b") -> Envelope:
+    """Record an outgoing envelope of ``study`` whose receipt says it arrived."""
+    envelope_id = str(uuid.uuid4())
+    env = Envelope(
+        id=envelope_id,
+        direction="out",
+        peer=peer,
+        path=f"outbox/{envelope_id}.zip",
+        size_bytes=2048,
+        state="arrived",
+        study_ref=study.ref,
+        instance_count=study.instance_count,
+        details={"receipt": {"delivered": study.instance_count, "refused": 0}},
+    )
+    assert store.put_envelope(env)
+    return store.get_envelope(envelope_id, "out")
+
+
 class ServedApp:
     """An aiohttp application served on a loopback port from a thread."""
 
