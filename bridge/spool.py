@@ -81,17 +81,32 @@ class IncomingFile:
     received data set to, and offers what pynetdicom uses of one: ``name``,
     ``write``, ``file.flush`` and ``close``. Writes go straight to the file
     descriptor, unbuffered, so ``flush`` has nothing to do. One thread writes it.
+
+    It never raises: pynetdicom writes it on the association's reactor thread,
+    which an exception would end, leaving the modality without an answer. A
+    file that cannot be created or written (a full disk) records the error in
+    ``failed``, gives back what it had written and takes the rest of the data
+    set without writing it, so that the C-STORE handler can answer
+    Out of Resources and the association go on (PS3.4 B.2.3).
     """
 
     def __init__(self, folder: Path):
-        fd, self.name = tempfile.mkstemp(dir=folder, suffix=".dcm")
+        self.failed: OSError | None = None
+        self._sha = hashlib.sha256()
+        self._synced: Future | None = None
+        self.size = 0
+        try:
+            fd, self.name = tempfile.mkstemp(dir=folder, suffix=".dcm")
+        except OSError as exc:
+            # A name no file has, for pynetdicom to report and later unlink.
+            self.name = str(folder / f"unwritten-{uuid.uuid4().hex}.dcm")
+            self._fd = -1
+            self._fail(exc)
+            return
         self._fd = fd
         # A data set cut short by an abort is never closed by pynetdicom; its
         # descriptor goes when the object does (the file, at the next sweep).
         self._closer = weakref.finalize(self, os.close, fd)
-        self._sha = hashlib.sha256()
-        self._synced: Future | None = None
-        self.size = 0
 
     @property
     def file(self) -> IncomingFile:
@@ -99,13 +114,32 @@ class IncomingFile:
         return self
 
     def write(self, data) -> int:
-        """Write all of ``data`` and add it to the digest; return its length."""
-        view = memoryview(data)
-        self._sha.update(view)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        self.size += len(data)
+        """Write all of ``data`` and add it to the digest; return its length.
+
+        After a failed write, or when the file could not be created, ``data`` is
+        taken and dropped; see the class docstring.
+        """
+        if self.failed is None:
+            view = memoryview(data)
+            self._sha.update(view)
+            try:
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except OSError as exc:
+                self._fail(exc)
+            self.size += len(data)
         return len(data)
+
+    def _fail(self, exc: OSError) -> None:
+        """Record the first failure and free the space the partial file holds."""
+        self.failed = exc
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+        logger.warning(
+            "received data set not written error=%s",
+            errno.errorcode.get(exc.errno, type(exc).__name__),
+        )
 
     def flush(self) -> None:
         """Do nothing: every write already reached the file."""
@@ -118,13 +152,20 @@ class IncomingFile:
             self._closer()
             self._fd = -1
 
+    def check(self) -> None:
+        """Raise SpoolError when the data set could not be written whole."""
+        if self.failed is not None:
+            raise SpoolError(
+                f"spool: cannot write a received instance: {self.failed.strerror}"
+            )
+
     def sync_soon(self, pool: ThreadPoolExecutor) -> None:
         """Start fsyncing the file on ``pool``; call once the last byte is written.
 
         :meth:`digest_and_sync` then waits for that fsync instead of running its
         own, so the disk works while the caller does other things.
         """
-        if self._synced is None and self._fd >= 0:
+        if self._synced is None and self._fd >= 0 and self.failed is None:
             self._synced = pool.submit(os.fsync, self._fd)
 
     def digest_and_sync(self) -> tuple[str, int]:
@@ -132,8 +173,10 @@ class IncomingFile:
 
         Raises OSError when the fsync fails, or when the file on disk is not the
         size written, so that a file changed behind our back is never named by
-        a digest it lacks.
+        a digest it lacks, or when the data set could not be written whole.
         """
+        if self.failed is not None:
+            raise self.failed
         if self._synced is not None and self._fd >= 0:
             self._synced.result()
             fd = self._fd
@@ -221,6 +264,18 @@ class Spool:
                     max_workers=_SYNC_THREADS, thread_name_prefix="spool-sync"
                 )
         incoming.sync_soon(self._sync_pool)
+
+    def check_received(self, src: Path) -> None:
+        """Raise SpoolError when the received file ``src`` could not be written
+        whole (a full disk, see :class:`IncomingFile`); else do nothing.
+
+        Call before reading ``src``: what is on disk of such a file is not the
+        data set that was sent.
+        """
+        with self._receiving_lock:
+            incoming = self._receiving.get(str(src))
+        if incoming is not None:
+            incoming.check()
 
     def adopt_instance(self, src: Path) -> SpooledFile:
         """Make the received file ``src`` durable as a content-addressed instance.

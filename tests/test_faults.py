@@ -63,9 +63,11 @@ class Ingress:
         self.store.close()
 
 
-def send_verbose(port: int, files: list[Path]) -> dict[Path, str]:
+def send_verbose(
+    port: int, files: list[Path], extra: tuple[str, ...] = ()
+) -> dict[Path, str]:
     """Send ``files`` with storescu; return the answer each file got."""
-    sent = storescu(port, files, extra=("-v",))
+    sent = storescu(port, files, extra=("-v", *extra))
     return dict(store_answers(sent.stderr.splitlines()))
 
 
@@ -104,24 +106,30 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-def test_disk_filling_during_receive_refuses_what_it_cannot_keep(small_disk, tmp_path):
-    # 30 instances of 0.5 MB into 12 MB: the disk fills mid-study.
+def test_disk_filling_during_receive_is_answered_out_of_resources(small_disk, tmp_path):
+    # 30 instances of 0.5 MB into 12 MB, no watermark: the disk fills inside
+    # pynetdicom's own write of a data set, mid-study.
     files = big_study(tmp_path / "study", 30)
     bridge = Ingress(small_disk / "spool", tmp_path / "state.sqlite")
     try:
-        answers = send_verbose(bridge.port, files)
+        # -nh: storescu would otherwise release after the first refusal.
+        answers = send_verbose(bridge.port, files, extra=("-nh",))
         recorded = bridge.recorded()
         acked = assert_acknowledged_are_intact(answers, recorded)
         alive = echoscu(bridge.port)
+        statuses = bridge.listener.stats.snapshot()["statuses"]
     finally:
         bridge.stop()
 
+    # Every instance got an answer on the one association: success, or
+    # Out of Resources for each the disk could not take.
+    assert len(answers) == len(files)
     assert 0 < acked < len(files)
     assert acked == len(recorded)
+    refused = [a for a in answers.values() if a != "success"]
+    assert all("Refused: OutOfResources" in a for a in refused)
+    assert statuses == {0x0000: acked, 0xA700: len(refused)}
     assert alive.returncode == 0
-    # pynetdicom's own write of the data set failed (ENOSPC in its reactor
-    # thread, README L-33): the partial file stays until the next start.
-    Ingress(small_disk / "spool", tmp_path / "state.sqlite").stop()
     assert list((small_disk / "spool" / "incoming").iterdir()) == []
     print(f"matrix fault=disk-full acked={acked} of {len(files)}")
 

@@ -1,6 +1,8 @@
 """The listener with dcmtk as the modality: real processes, real sockets."""
 
+import errno
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -271,6 +273,24 @@ def test_failing_store_is_answered_out_of_resources(
 
     assert "Refused: OutOfResources" in result.stderr
     assert bridge.listener.stats.snapshot()["statuses"] == {0xA700: 1}
+
+
+def test_failing_fsync_of_a_received_instance_is_answered_out_of_resources(
+    start_bridge, monkeypatch, tmp_path
+):
+    bridge = start_bridge()
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    files = make_study(tmp_path / "in", series=1, per_series=2)
+    result = storescu(bridge.port, files, extra=("-v", "-nh"))
+
+    assert result.stderr.count("Refused: OutOfResources") == 2
+    assert bridge.listener.stats.snapshot()["statuses"] == {0xA700: 2}
+    assert bridge.instances() == []
+    assert list((bridge.spool.root / "instances").rglob("*.dcm")) == []
 
 
 def test_resent_study_is_acknowledged_and_stored_once(start_bridge, tmp_path):

@@ -157,3 +157,23 @@ def test_incoming_file_dropped_without_close_releases_its_descriptor(spool):
 
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_incoming_file_that_cannot_be_written_takes_the_rest_and_is_not_adopted(
+    spool,
+):
+    incoming = _received(spool, [b"written"])
+    # The file's descriptor now leads to /dev/full: every write fails ENOSPC.
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, incoming._fd)
+    os.close(full)
+
+    taken = [incoming.write(chunk) for chunk in (b"lost", b"dropped")]
+
+    assert taken == [4, 7]
+    assert incoming.failed is not None
+    with pytest.raises(SpoolError):
+        spool.check_received(Path(incoming.name))
+    with pytest.raises(SpoolError):
+        spool.adopt_instance(Path(incoming.name))
+    incoming.close()

@@ -234,8 +234,10 @@ class Ingest:
         affected UIDs; when given, the data set must carry the same ones. On an
         accepted outcome the file has been moved into the spool (or copied, from
         another filesystem), fsynced and recorded. Raises SpoolError or
-        StoreError when that could not be done; refusals are returned.
+        StoreError when that could not be done, or when the data set could not
+        be written whole as it arrived; refusals are returned.
         """
+        self.spool.check_received(path)
         try:
             ds = read_header(path, self._tags)
         except _Oversize:
