@@ -539,6 +539,12 @@ class Bridge:
         dicom = cfg.dicom
         ingest = None
         if routes:
+            parts.assembler = Assembler(
+                parts.store,
+                routes,
+                on_sealed=parts.metrics.study_sealed,
+                on_held=parts.metrics.study_held,
+            )
             ingest = Ingest(
                 parts.store,
                 parts.spool,
@@ -548,12 +554,7 @@ class Bridge:
                     unrouted=Unrouted(dicom.unrouted),
                 ),
                 on_sealed=parts.metrics.study_sealed,
-            )
-            parts.assembler = Assembler(
-                parts.store,
-                routes,
-                on_sealed=parts.metrics.study_sealed,
-                on_held=parts.metrics.study_held,
+                on_deadline=parts.assembler.note_deadline,
             )
             parts.assembler.start()
         settings = ListenerSettings(

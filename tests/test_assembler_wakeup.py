@@ -5,8 +5,10 @@ bounded wait can only come from the deadline the thread planned for or from a
 noted deadline; none asserts how long anything took.
 """
 
+import math
 import shutil
 import threading
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -97,6 +99,35 @@ def test_noted_deadline_wakes_an_idle_assembler(
 
     assert sealed.event.wait(WAIT)
     assert store.get_study(receipt.study_ref).state == StudyState.SEALED
+
+
+def wait_until_asleep(assembler: Assembler) -> None:
+    """Wait until the thread's first round is over and it sleeps (its plan set),
+    so that a study recorded now can only be found through a note or the poll."""
+    deadline = time.monotonic() + WAIT
+    while assembler._planned == -math.inf:
+        assert time.monotonic() < deadline, "the assembler never went to sleep"
+        time.sleep(0.01)
+
+
+def test_ingest_tells_the_assembler_the_deadline_of_a_study_it_opens(
+    store, assembler, sealed, tmp_path
+):
+    # Wired as the daemon wires them; the thread sleeps for the hour of its
+    # poll until ingest tells it of the new study's deadline.
+    ingest = Ingest(
+        store,
+        Spool(tmp_path / "spool"),
+        [ROUTE],
+        on_deadline=assembler.note_deadline,
+    )
+    assembler.start()
+    wait_until_asleep(assembler)
+    receipt = _receive(ingest, tmp_path / "in", generate_uid())
+
+    assert sealed.event.wait(WAIT)
+    study = store.get_study(receipt.study_ref)
+    assert (study.state, study.seal_trigger) == (StudyState.SEALED, "quiet-period")
 
 
 def test_extended_study_is_sealed_once_at_its_moved_deadline(store, tmp_path):

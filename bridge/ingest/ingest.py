@@ -201,11 +201,16 @@ class Ingest:
         *,
         clock: Callable[[], float] = time.time,
         on_sealed: Callable[[str, float], None] | None = None,
+        on_deadline: Callable[[float], None] | None = None,
     ):
         self.store = store
         self.spool = spool
         # Told (trigger, assembly seconds) for every study sealed, for metrics.
         self.on_sealed = on_sealed or (lambda trigger, seconds: None)
+        # Told the seal deadline (clock time) of every study an instance opened
+        # or extended: Assembler.note_deadline, so a new study is sealed when
+        # its quiet period ends rather than at the assembler's next poll.
+        self.on_deadline = on_deadline or (lambda seal_due: None)
         self.settings = settings or IngestSettings()
         self.router = Router(routes, self.settings.unrouted)
         self._clock = clock
@@ -298,8 +303,14 @@ class Ingest:
                 detail="known instance with other bytes",
             )
 
+        study = result.study
+        if (
+            result.outcome != InstanceOutcome.DUPLICATE
+            and study.state == StudyState.OPEN
+        ):
+            self.on_deadline(study.seal_due)
         if rule is not None and rule.required_series:
-            self._seal_if_complete(rule, result.study, ds, result.outcome)
+            self._seal_if_complete(rule, study, ds, result.outcome)
         return Receipt(
             outcome=result.outcome,
             study_ref=result.study.ref,
