@@ -4,6 +4,7 @@ import errno
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pydicom
@@ -214,6 +215,41 @@ def test_association_over_the_limit_is_rejected_as_transient(start_bridge):
         held.release()
     assert "Local Limit Exceeded" in result.stderr + result.stdout
     assert echoscu(bridge.port).returncode == 0
+
+
+def accepted_receive_buffer(bridge: Bridge) -> int:
+    """Hold an association open; return its socket's SO_RCVBUF on our side."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", bridge.port, ae_title="JMIXBRIDGE")
+    assert assoc.is_established
+    try:
+        [ours] = bridge.listener._server.active_associations
+        sock = ours.dul.socket.socket
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    finally:
+        assoc.release()
+
+
+def system_receive_buffer() -> int:
+    """Return the SO_RCVBUF a new TCP socket starts with here."""
+    with socket.socket() as fresh:
+        return fresh.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
+def test_accepted_association_has_the_configured_receive_buffer(start_bridge):
+    # Below the usual net.core.rmem_max, which caps what setsockopt may ask.
+    wanted = 1 << 20
+    assert wanted > system_receive_buffer()
+    bridge = start_bridge(receive_buffer_bytes=wanted)
+
+    # Linux reports twice what was asked (its bookkeeping overhead, socket(7)).
+    assert accepted_receive_buffer(bridge) >= wanted
+
+
+def test_receive_buffer_of_zero_leaves_the_system_default(start_bridge):
+    bridge = start_bridge(receive_buffer_bytes=0)
+    assert accepted_receive_buffer(bridge) == system_receive_buffer()
 
 
 def fill_disk(monkeypatch, spool: Spool, free_bytes: int) -> None:
