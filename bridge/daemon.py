@@ -68,7 +68,13 @@ from bridge.receiving.forwarding import Forwarder
 from bridge.receiving.opener import Opener, SenderTrust
 from bridge.receiving.receipts import ReceiptSender, add_receipt_route
 from bridge.spool import Spool
-from bridge.store import DuplicatePolicy, SQLiteStore, Store, open_store
+from bridge.store import (
+    DuplicatePolicy,
+    InstanceOutcome,
+    SQLiteStore,
+    Store,
+    open_store,
+)
 from bridge.tls import server_context
 from bridge.workers.base import Worker, WorkerSpec
 from bridge.workers.policy import BreakerBoard, BreakerPolicy, RetryPolicy
@@ -279,6 +285,8 @@ class MeteredListenerStats(ListenerStats):
         self.metrics.dimse_status(_status_class(status))
         if receipt is not None and receipt.accepted:
             self.metrics.instance_received(calling_ae, receipt.size_bytes)
+            if receipt.outcome == InstanceOutcome.REPLACED:
+                self.metrics.instance_replaced(calling_ae)
 
 
 def _status_class(status: int) -> str:

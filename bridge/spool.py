@@ -7,6 +7,9 @@ Layout under the spool root::
     instances/ab/<sha256>.dcm
                          received instances, content-addressed by the SHA-256
                          of the file as stored; ``ab`` is the first two hex digits
+    replaced/<study ref>/<sha256>.dcm
+                         earlier versions of instances a newer version replaced
+                         (duplicate policy keep-newest), kept with their study
     outbox/<uuid>.zip    envelopes this node built, waiting for delivery
     inbox/<uuid>.zip     envelopes received from a peer, waiting to be opened
     quarantine/<uuid>.zip
@@ -31,6 +34,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -47,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20  # 1 MiB reads: SHA-256 runs near disk speed with this size
 _ENVELOPE_FOLDERS = ("outbox", "inbox", "quarantine", "opened")
+# A study reference as the stores make them (bridge.store._rules.new_study_ref).
+_STUDY_REF = re.compile(r"st-[0-9a-f]{1,32}")
 # Threads that fsync received files in the background: one per association
 # receiving at the same moment is plenty; more only queue at the disk.
 _SYNC_THREADS = 4
@@ -202,7 +208,13 @@ class Spool:
     def __init__(self, root: Path | str):
         self.root = Path(root).resolve()
         try:
-            for name in ("incoming", "instances", "tmp", *_ENVELOPE_FOLDERS):
+            for name in (
+                "incoming",
+                "instances",
+                "replaced",
+                "tmp",
+                *_ENVELOPE_FOLDERS,
+            ):
                 (self.root / name).mkdir(parents=True, exist_ok=True)
             # The 256 fan-out folders exist from the start, so that no instance
             # pays for a mkdir and an extra folder fsync on its way to the ack.
@@ -316,6 +328,33 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"spool: cannot store a received instance: {exc}") from exc
         return SpooledFile(rel, digest, size)
+
+    def keep_replaced(self, rel: str, study_ref: str) -> str:
+        """Keep the spooled instance ``rel`` as a replaced version of its study.
+
+        Hard-links it as ``replaced/<study_ref>/<digest>.dcm`` and returns that
+        path (spool-relative); the file under ``instances/`` is left to
+        whatever else may name the same bytes. ``study_ref`` must be a store's
+        opaque reference. Raises SpoolError when the link cannot be made.
+        """
+        if not _STUDY_REF.fullmatch(study_ref):
+            raise SpoolError(
+                f"study ref {study_ref!r}: expected 'st-' and hexadecimal digits"
+            )
+        src = self.path_of(rel)
+        folder = self.root / "replaced" / study_ref
+        dest = folder / src.name
+        try:
+            folder_is_new = not folder.is_dir()
+            folder.mkdir(exist_ok=True)
+            if folder_is_new:
+                _fsync_dir(folder.parent)
+            with contextlib.suppress(FileExistsError):
+                os.link(src, dest)
+            _fsync_dir(folder)
+        except OSError as exc:
+            raise SpoolError(f"spool: cannot keep a replaced instance: {exc}") from exc
+        return self.relative(dest)
 
     def import_instance(self, src: Path) -> SpooledFile:
         """Copy a DICOM file from outside the spool in as an instance.

@@ -14,9 +14,11 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from bridge.daemon import MeteredListenerStats
 from bridge.dicom.listener import AllowedCaller, Listener, ListenerSettings
 from bridge.errors import StoreError
 from bridge.ingest import Ingest, IngestSettings, RouteRule
+from bridge.ops import Metrics
 from bridge.spool import DiskSpace, Spool
 from bridge.store import DuplicatePolicy, SQLiteStore
 from tests.support.dcmtk import dcmsend, echoscu, storescu
@@ -28,14 +30,14 @@ ROUTE = RouteRule(name="all", peers=("peer-a",), quiet_seconds=3600)
 class Bridge:
     """A listener on a free loopback port with its own spool and store."""
 
-    def __init__(self, tmp_path: Path, settings=None, ingest_settings=None):
+    def __init__(self, tmp_path: Path, settings=None, ingest_settings=None, stats=None):
         self.spool = Spool(tmp_path / "spool")
         self.store = SQLiteStore(tmp_path / "state.sqlite")
         self.ingest = Ingest(
             self.store, self.spool, [ROUTE], ingest_settings or IngestSettings()
         )
         base = ListenerSettings(host="127.0.0.1", port=0)
-        self.listener = Listener(settings or base, self.ingest)
+        self.listener = Listener(settings or base, self.ingest, stats=stats)
         self.listener.start()
         self.port = self.listener.port
 
@@ -340,19 +342,20 @@ def test_resent_study_is_acknowledged_and_stored_once(start_bridge, tmp_path):
     assert bridge.listener.stats.snapshot()["instances_duplicate"] == 3
 
 
-def changed_copy(tmp_path: Path, original: Path) -> Path:
+def two_versions(tmp_path: Path, **study) -> tuple[Path, Path]:
+    """Return one instance and a changed copy with the same SOP Instance UID."""
+    [original] = make_study(tmp_path / "in", series=1, per_series=1, **study)
     ds = pydicom.dcmread(original)
     ds.SeriesDescription = "CHANGED"
     ds.save_as(tmp_path / "changed.dcm")
-    return tmp_path / "changed.dcm"
+    return original, tmp_path / "changed.dcm"
 
 
 def test_changed_instance_replaces_the_old_one_under_keep_newest(
     start_bridge, tmp_path
 ):
     bridge = start_bridge()
-    [original] = make_study(tmp_path / "in", series=1, per_series=1)
-    changed = changed_copy(tmp_path, original)
+    original, changed = two_versions(tmp_path)
     assert storescu(bridge.port, [original]).returncode == 0
     assert storescu(bridge.port, [changed]).returncode == 0
 
@@ -361,10 +364,52 @@ def test_changed_instance_replaces_the_old_one_under_keep_newest(
     assert data_set(stored) == data_set(changed)
 
 
+def test_version_a_changed_instance_replaced_is_kept_in_the_spool(
+    start_bridge, tmp_path
+):
+    bridge = start_bridge()
+    original, changed = two_versions(tmp_path)
+    assert storescu(bridge.port, [original]).returncode == 0
+    [first] = bridge.instances()
+    first_bytes = bridge.spool.path_of(first.spool_path).read_bytes()
+
+    assert storescu(bridge.port, [changed]).returncode == 0
+
+    [study] = bridge.store.recent_studies()
+    [kept] = (bridge.spool.root / "replaced" / study.ref).iterdir()
+    assert kept.read_bytes() == first_bytes
+
+
+def test_replacing_a_changed_instance_is_a_warning_and_counted(tmp_path, caplog):
+    metrics = Metrics()
+    bridge = Bridge(
+        tmp_path,
+        ListenerSettings(host="127.0.0.1", port=0),
+        stats=MeteredListenerStats(metrics),
+    )
+    study_uid = generate_uid()
+    original, changed = two_versions(tmp_path, study_uid=study_uid)
+    try:
+        assert storescu(bridge.port, [original]).returncode == 0
+        with caplog.at_level(logging.WARNING, logger="bridge.ingest.ingest"):
+            assert storescu(bridge.port, [changed]).returncode == 0
+    finally:
+        bridge.stop()
+
+    [study] = bridge.store.recent_studies()
+    [line] = [r.getMessage() for r in caplog.records if "replaced" in r.message]
+    assert f"study={study.ref}" in line
+    assert study_uid not in caplog.text
+    assert bridge.listener.stats.snapshot()["instances_replaced"] == 1
+    replaced = metrics.registry.get_sample_value(
+        "jmix_bridge_instances_replaced_total", {"calling_ae": "other"}
+    )
+    assert replaced == 1
+
+
 def test_changed_instance_is_refused_under_reject(start_bridge, tmp_path):
     bridge = start_bridge(ingest=IngestSettings(duplicates=DuplicatePolicy.REJECT))
-    [original] = make_study(tmp_path / "in", series=1, per_series=1)
-    changed = changed_copy(tmp_path, original)
+    original, changed = two_versions(tmp_path)
     assert storescu(bridge.port, [original]).returncode == 0
     refused = storescu(bridge.port, [changed], extra=("-v",))
 

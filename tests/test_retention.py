@@ -96,6 +96,20 @@ def test_delivered_study_loses_its_files_after_retention_and_keeps_its_records(s
     assert len(store.study_instances(ref)) == 2
 
 
+def test_replaced_versions_go_with_their_study(site):
+    store, spool, janitor = site
+    ref = _sealed_study(store, spool)
+    [first, _] = store.study_instances(ref)
+    kept = spool.path_of(spool.keep_replaced(first.spool_path, ref))
+    _deliver(store, spool, ref)
+
+    before = janitor.run_once(now=time.time())
+    assert kept.is_file() and before.studies == 0
+    janitor.run_once(now=LATER)
+
+    assert not kept.parent.exists()
+
+
 def test_nothing_goes_before_the_retention_time(site):
     store, spool, janitor = site
     ref = _sealed_study(store, spool)

@@ -177,3 +177,21 @@ def test_incoming_file_that_cannot_be_written_takes_the_rest_and_is_not_adopted(
     with pytest.raises(SpoolError):
         spool.adopt_instance(Path(incoming.name))
     incoming.close()
+
+
+def test_keep_replaced_links_the_file_under_its_study(spool, tmp_path):
+    src = tmp_path / "x.dcm"
+    src.write_bytes(b"first version")
+    stored = spool.adopt_instance(src)
+
+    kept = spool.keep_replaced(stored.path, "st-0a1b2c")
+
+    assert kept == f"replaced/st-0a1b2c/{stored.digest}.dcm"
+    assert spool.path_of(kept).read_bytes() == b"first version"
+    assert spool.path_of(stored.path).is_file()
+
+
+@pytest.mark.parametrize("bad", ["../instances", "st-", "1.2.840.1", "st-ZZ"])
+def test_keep_replaced_refuses_a_study_ref_the_stores_never_make(spool, bad):
+    with pytest.raises(SpoolError):
+        spool.keep_replaced("instances/00/none.dcm", bad)

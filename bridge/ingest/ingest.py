@@ -30,6 +30,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from bridge.errors import SpoolError
 from bridge.ingest.assembler import seal_jobs
 from bridge.ingest.routing import UNROUTED, Router, RouteRule, Unrouted
 from bridge.spool import Spool
@@ -304,6 +305,8 @@ class Ingest:
             )
 
         study = result.study
+        if result.previous is not None:
+            self._keep_replaced(result.previous, study)
         if (
             result.outcome != InstanceOutcome.DUPLICATE
             and study.state == StudyState.OPEN
@@ -315,6 +318,28 @@ class Ingest:
             outcome=result.outcome,
             study_ref=result.study.ref,
             size_bytes=spooled.size_bytes,
+        )
+
+    def _keep_replaced(self, previous: Instance, study: Study) -> None:
+        """Keep the version a newer one displaced (keep-newest), and say so.
+
+        Its record is gone; its file goes under ``replaced/``, and retention
+        removes it with the rest of its study's files. Should the file not be
+        kept, the loss is logged: the newer version is recorded already.
+        """
+        try:
+            kept = self.spool.keep_replaced(previous.spool_path, study.ref)
+        except SpoolError as exc:
+            logger.error(
+                "replaced instance not kept study=%s error=%s",
+                study.ref,
+                type(exc.__cause__ or exc).__name__,
+            )
+            return
+        logger.warning(
+            "instance replaced by a changed version study=%s kept=%s",
+            study.ref,
+            kept.rsplit("/", 1)[0],
         )
 
     # -- the required-series trigger ----------------------------------------------

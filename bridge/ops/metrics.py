@@ -212,6 +212,13 @@ class Metrics:
             ["calling_ae"],
             registry=r,
         )
+        self.instances_replaced = Counter(
+            f"{p}_instances_replaced_total",
+            "DICOM instances that replaced a changed earlier version of themselves "
+            "(duplicate policy keep-newest); the earlier one is kept under replaced/.",
+            ["calling_ae"],
+            registry=r,
+        )
         self.received_bytes = Counter(
             f"{p}_received_bytes_total",
             "Bytes of DICOM instances received by C-STORE.",
@@ -327,6 +334,10 @@ class Metrics:
         label = self.calling_ae(calling_ae)
         self.instances_received.labels(label).inc()
         self.received_bytes.labels(label).inc(max(0, nbytes))
+
+    def instance_replaced(self, calling_ae: str) -> None:
+        """Count an instance that replaced an earlier version of itself."""
+        self.instances_replaced.labels(self.calling_ae(calling_ae)).inc()
 
     def dimse_status(self, status_class: str) -> None:
         """Count a DIMSE response: success, warning, failure or cancel."""

@@ -3,9 +3,10 @@
 A study's instance files go once every envelope built from it was delivered
 and the retention time has passed since it was sealed; an outgoing envelope's
 zip once it was delivered; an incoming envelope's zip and opened payload once
-every destination has stored it. Files that no record names (an instance
-displaced by a newer version of itself, say) go once they are older than a
-day. Quarantined envelopes and held or open studies are never touched: they
+every destination has stored it; the earlier versions of a study's replaced
+instances (``replaced/<ref>/``) go with the study. Files that no record names
+(the ``instances/`` copy of such a version, say) go once they are older than
+a day. Quarantined envelopes and held or open studies are never touched: they
 wait for an operator. Records stay, marked purged, so the history of every
 study can still be shown.
 
@@ -70,6 +71,8 @@ class Janitor:
         for study in self.store.purgeable_studies(before, limit=1000):
             for rel in self.store.exclusive_spool_paths(study.ref):
                 done.bytes += self._remove(rel)
+            # The versions newer ones replaced (keep-newest) go with the study.
+            done.bytes += self._remove(f"replaced/{study.ref}")
             self.store.mark_study_purged(study.ref)
             done.studies += 1
         for env in self.store.purgeable_envelopes(before, limit=1000):
