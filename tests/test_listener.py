@@ -30,11 +30,18 @@ ROUTE = RouteRule(name="all", peers=("peer-a",), quiet_seconds=3600)
 class Bridge:
     """A listener on a free loopback port with its own spool and store."""
 
-    def __init__(self, tmp_path: Path, settings=None, ingest_settings=None, stats=None):
+    def __init__(
+        self,
+        tmp_path: Path,
+        settings=None,
+        ingest_settings=None,
+        stats=None,
+        routes=(ROUTE,),
+    ):
         self.spool = Spool(tmp_path / "spool")
         self.store = SQLiteStore(tmp_path / "state.sqlite")
         self.ingest = Ingest(
-            self.store, self.spool, [ROUTE], ingest_settings or IngestSettings()
+            self.store, self.spool, list(routes), ingest_settings or IngestSettings()
         )
         base = ListenerSettings(host="127.0.0.1", port=0)
         self.listener = Listener(settings or base, self.ingest, stats=stats)
