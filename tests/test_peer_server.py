@@ -1,11 +1,15 @@
 """The inbound exchange API, served by a separate bridge process on loopback."""
 
+import base64
 import json
 import socket
+import zipfile
+from pathlib import Path
 
 import httpx
 import pytest
 
+from bridge.jmix import generate_key_dir
 from bridge.store.base import JobState
 from tests.support.net import wait_until
 from tests.support.peer_env import (
@@ -22,7 +26,11 @@ ZIP = {"Content-Type": "application/zip"}
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    return make_key_dirs(tmp_path_factory.mktemp("keys"))
+    root = make_key_dirs(tmp_path_factory.mktemp("keys"))
+    # "c" is another pinned sender's key; "x" is pinned for no one.
+    generate_key_dir(root / "c")
+    generate_key_dir(root / "x")
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +45,11 @@ def receiver(tmp_path_factory, keys):
                     "name": "site-a",
                     "token": "token-a",
                     "signing_keys": [str(keys / "a" / "signing.pub")],
+                },
+                {
+                    "name": "site-c",
+                    "token": "token-c",
+                    "signing_keys": [str(keys / "c" / "signing.pub")],
                 },
                 {
                     "name": "harmony",
@@ -128,6 +141,46 @@ def test_unsigned_envelope_from_a_signed_trust_sender_answers_400(receiver, tmp_
 
     assert resp.status_code == 400
     assert resp.json()["error"].startswith("envelope refused by policy: ")
+
+
+def flip_signature_byte(envelope: Path) -> None:
+    """Flip one bit of the signature of the envelope's ``manifest.jws`` (RFC 7515
+    compact serialisation: header.payload.signature), in place."""
+    with zipfile.ZipFile(envelope) as zf:
+        entries = [(info, zf.read(info)) for info in zf.infolist()]
+    with zipfile.ZipFile(envelope, "w") as zf:
+        for info, data in entries:
+            if info.filename.endswith("manifest.jws"):
+                head, payload, sig = data.split(b".")
+                raw = bytearray(base64.urlsafe_b64decode(sig + b"=" * (-len(sig) % 4)))
+                raw[len(raw) // 2] ^= 0x01
+                sig = base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=")
+                data = b".".join((head, payload, sig))
+            zf.writestr(info, data)
+
+
+@pytest.mark.parametrize("signer", ["unpinned-key", "other-sender-key", "flipped-byte"])
+def test_envelope_that_fails_verification_answers_400_and_stores_nothing(
+    receiver, keys, tmp_path, signer
+):
+    # Posted with site-a's token each time.
+    key = {"unpinned-key": "x", "other-sender-key": "c"}.get(signer, "a")
+    env = pack_envelope(tmp_path / "env.zip", keys / key, keys / "b")
+    if signer == "flipped-byte":
+        flip_signature_byte(env.path)
+    before = {f: _spool_files(receiver, f) for f in ("inbox", "quarantine", "tmp")}
+
+    resp = _post(receiver, env.path)
+
+    assert resp.status_code == 400
+    assert resp.json() == {"error": "envelope verification failed"}
+    after = {f: _spool_files(receiver, f) for f in ("inbox", "quarantine", "tmp")}
+    assert after == before
+    store = receiver.store()
+    try:
+        assert store.get_envelope(env.envelope_id, "in") is None
+    finally:
+        store.close()
 
 
 def test_post_of_a_non_zip_body_answers_400(receiver, tmp_path):
