@@ -1,5 +1,7 @@
 """The drop-folder transport: atomic drops, and an inbox that takes only whole files."""
 
+from contextlib import closing
+
 import pytest
 
 from bridge.errors import RetryableTransportError
@@ -9,6 +11,7 @@ from bridge.peer.settings import InboundSender
 from bridge.spool import Spool
 from bridge.store.sqlite import SQLiteStore
 from tests.support.peer_env import harmony_zip, make_key_dirs, pack_envelope
+from tests.support.sites import Pacs, Sites, dead_jobs, end_state, send, study_of
 
 
 @pytest.fixture
@@ -129,3 +132,27 @@ def test_inbox_sets_aside_an_envelope_naming_an_unknown_sender(tmp_path, inbox):
     assert inbox.intake.store.get_envelope(envelope_id, "in") is None
     reason = (inbox.folder / "rejected" / "h.zip.reason.txt").read_text()
     assert "'harmony': no such sender" in reason
+
+
+def test_study_travels_through_the_drop_folder_between_two_daemons(tmp_path):
+    pacs = Pacs(tmp_path / "pacs")
+    sites = Sites(tmp_path / "sites", (pacs.ae_title, pacs.port), transport="drop")
+    study = study_of(tmp_path / "study", 5)
+    try:
+        sites.start_b()
+        sites.start_a()
+        assert send(sites, study).returncode == 0
+        repeats = end_state(sites, pacs, study)
+        log_a = sites.a.log_text()
+    finally:
+        sites.stop()
+        pacs.stop()
+
+    assert repeats == 0
+    assert dead_jobs(sites) == 0
+    assert "envelope delivered" in log_a and "result=drop" in log_a
+    # B took the one envelope A dropped, and the folder holds no envelope now.
+    with closing(SQLiteStore(sites.db("b"))) as store_b:
+        [received] = store_b.find_envelopes(direction="in")
+    assert received.peer == "site-a"
+    assert list(sites.carried.glob("*.zip")) == []

@@ -1,12 +1,18 @@
 """Two bridge processes on loopback: one delivers envelopes, the other takes them."""
 
+from contextlib import closing
+
 import httpx
+import pydicom
 import pytest
 
 from bridge.peer.deliver import DELIVER_QUEUE, deliver_job
+from bridge.store import SQLiteStore
 from bridge.store.base import Envelope, JobState, NewJob
 from tests.support.net import free_port, wait_until
 from tests.support.peer_env import BridgeProcess, make_key_dirs, pack_envelope
+from tests.support.sites import Pacs, Sites, dead_jobs, end_state, send, study_of
+from tests.support.studies import make_instance
 
 FAST_RETRY = {"initial_seconds": 0.2, "factor": 2, "max_seconds": 1.0}
 FAST_BREAKER = {"failures_to_open": 3, "open_seconds": 0.3}
@@ -266,3 +272,43 @@ def test_peer_fetches_and_lists_the_envelopes_built_for_it(tmp_path, keys):
     assert got.content == sent
     assert manifest.json()["id"] == result.envelope_id
     assert uid not in holder.log.read_text()
+
+
+def test_instance_after_the_seal_travels_alone_in_a_follow_up_envelope(tmp_path):
+    pacs = Pacs(tmp_path / "pacs")
+    sites = Sites(tmp_path / "sites", (pacs.ae_title, pacs.port))
+    study = study_of(tmp_path / "study", 3)
+    first = next(iter(study.values()))
+    header = pydicom.dcmread(first, stop_before_pixels=True)
+    try:
+        sites.start_b()
+        sites.start_a()
+        assert send(sites, study).returncode == 0
+        end_state(sites, pacs, study)
+
+        late = make_instance(
+            tmp_path / "late.dcm",
+            study_uid=header.StudyInstanceUID,
+            series_uid=header.SeriesInstanceUID,
+        )
+        late_uid = str(pydicom.dcmread(late, stop_before_pixels=True).SOPInstanceUID)
+        assert send(sites, {late_uid: late}).returncode == 0
+        repeats = end_state(sites, pacs, {**study, late_uid: late})
+    finally:
+        sites.stop()
+        pacs.stop()
+
+    # Every instance reached the PACS once: the first envelope was not re-sent.
+    assert repeats == 0
+    assert dead_jobs(sites) == 0
+    with closing(SQLiteStore(sites.db("a"))) as store_a:
+        sent = store_a.find_envelopes(direction="out")
+        studies = {env.id: store_a.get_study(env.study_ref) for env in sent}
+        late_env = next(e for e in sent if studies[e.id].generation > 0)
+        late_instances = store_a.study_instances(late_env.study_ref)
+    assert len(sent) == 2
+    assert [s.generation for s in studies.values()].count(0) == 1
+    assert [i.sop_instance_uid for i in late_instances] == [late_uid]
+    with closing(SQLiteStore(sites.db("b"))) as store_b:
+        received = {env.id for env in store_b.find_envelopes(direction="in")}
+    assert received == {env.id for env in sent}

@@ -44,6 +44,9 @@ class Sites:
     ``pacs`` is ``(ae_title, port)`` of B's destination. ``peer_port`` is where A
     sends envelopes (a proxy's port); B's own HTTP port by default. ``a`` and
     ``b`` are extra top-level config sections merged into each site's mapping.
+    ``transport`` ``"drop"`` makes A write its envelopes into :attr:`carried`
+    (``peers[].transport: drop``) and B watch that folder
+    (``receiving.inbox_folder``), as if a file transfer carried them.
     """
 
     def __init__(
@@ -55,8 +58,10 @@ class Sites:
         a: dict | None = None,
         b: dict | None = None,
         peer_scheme: str = "http",
+        transport: str = "http",
     ):
         self.root = root
+        self.carried = root / "carried"
         self.a_dicom, self.a_http, self.b_http = free_port(), free_port(), free_port()
         self.peer_port = self.b_http
         self.peer_scheme = peer_scheme
@@ -64,6 +69,13 @@ class Sites:
             generate_key_dir(root / site / "keys")
         self.a_conf = _merge(self._site_a(quiet_seconds), a or {})
         self.b_conf = _merge(self._site_b(pacs), b or {})
+        if transport == "drop":
+            self.carried.mkdir(parents=True, exist_ok=True)
+            peer = self.a_conf["peers"][0]
+            peer |= {"transport": "drop", "drop_folder": str(self.carried)}
+            self.b_conf = _merge(
+                self.b_conf, {"receiving": {"inbox_folder": str(self.carried)}}
+            )
         self.a: Daemon | None = None
         self.b: Daemon | None = None
 
