@@ -11,7 +11,7 @@ from bridge.peer.settings import InboundSender
 from bridge.spool import Spool
 from bridge.store.sqlite import SQLiteStore
 from tests.support.peer_env import harmony_zip, make_key_dirs, pack_envelope
-from tests.support.sites import Pacs, Sites, dead_jobs, end_state, send, study_of
+from tests.support.sites import Pacs, Sites, dead_jobs, start_and_deliver, study_of
 
 
 @pytest.fixture
@@ -139,10 +139,7 @@ def test_study_travels_through_the_drop_folder_between_two_daemons(tmp_path):
     sites = Sites(tmp_path / "sites", (pacs.ae_title, pacs.port), transport="drop")
     study = study_of(tmp_path / "study", 5)
     try:
-        sites.start_b()
-        sites.start_a()
-        assert send(sites, study).returncode == 0
-        repeats = end_state(sites, pacs, study)
+        repeats = start_and_deliver(sites, pacs, study)
         log_a = sites.a.log_text()
     finally:
         sites.stop()

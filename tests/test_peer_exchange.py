@@ -11,7 +11,15 @@ from bridge.store import SQLiteStore
 from bridge.store.base import Envelope, JobState, NewJob
 from tests.support.net import free_port, wait_until
 from tests.support.peer_env import BridgeProcess, make_key_dirs, pack_envelope
-from tests.support.sites import Pacs, Sites, dead_jobs, end_state, send, study_of
+from tests.support.sites import (
+    Pacs,
+    Sites,
+    dead_jobs,
+    end_state,
+    send,
+    start_and_deliver,
+    study_of,
+)
 from tests.support.studies import make_instance
 
 FAST_RETRY = {"initial_seconds": 0.2, "factor": 2, "max_seconds": 1.0}
@@ -281,10 +289,7 @@ def test_instance_after_the_seal_travels_alone_in_a_follow_up_envelope(tmp_path)
     first = next(iter(study.values()))
     header = pydicom.dcmread(first, stop_before_pixels=True)
     try:
-        sites.start_b()
-        sites.start_a()
-        assert send(sites, study).returncode == 0
-        end_state(sites, pacs, study)
+        start_and_deliver(sites, pacs, study)
 
         late = make_instance(
             tmp_path / "late.dcm",

@@ -422,6 +422,15 @@ def end_state(sites: Sites, pacs: Pacs, study: dict[str, Path]) -> int:
     return sum(len(copies) - 1 for copies in received.values())
 
 
+def start_and_deliver(sites: Sites, pacs: Pacs, study: dict[str, Path]) -> int:
+    """Start B, then A, send ``study`` to A and wait for :func:`end_state`;
+    return its repeats. The caller stops the sites."""
+    sites.start_b()
+    sites.start_a()
+    assert send(sites, study).returncode == 0
+    return end_state(sites, pacs, study)
+
+
 def dead_jobs(sites: Sites) -> int:
     """Count the jobs either site parked in dead-letter."""
     total = 0
