@@ -158,6 +158,10 @@ class IncomingFile:
             self._closer()
             self._fd = -1
 
+    def digest(self) -> tuple[str, int]:
+        """Return the SHA-256 and size of what was written so far."""
+        return self._sha.copy().hexdigest(), self.size
+
     def check(self) -> None:
         """Raise SpoolError when the data set could not be written whole."""
         if self.failed is not None:
@@ -288,6 +292,23 @@ class Spool:
             incoming = self._receiving.get(str(src))
         if incoming is not None:
             incoming.check()
+
+    def received_digest(self, src: Path) -> tuple[str, int]:
+        """Return the SHA-256 and size of the received file ``src``, unsynced.
+
+        For a file from :meth:`incoming_file` this costs nothing (the digest
+        was taken as it arrived); any other file is read once. Raises
+        SpoolError when it cannot be read.
+        """
+        with self._receiving_lock:
+            incoming = self._receiving.get(str(src))
+        if incoming is not None:
+            incoming.check()
+            return incoming.digest()
+        try:
+            return _hash(src)
+        except OSError as exc:
+            raise SpoolError(f"spool: cannot read a received instance: {exc}") from exc
 
     def adopt_instance(self, src: Path) -> SpooledFile:
         """Make the received file ``src`` durable as a content-addressed instance.
@@ -496,13 +517,19 @@ def fsync_rename(src: Path, dest: Path) -> None:
 
 def _hash_and_sync(path: Path) -> tuple[str, int]:
     """Return the SHA-256 and size of ``path`` after fsyncing it."""
+    return _hash(path, sync=True)
+
+
+def _hash(path: Path, *, sync: bool = False) -> tuple[str, int]:
+    """Return the SHA-256 and size of ``path``, fsyncing it first if ``sync``."""
     sha = hashlib.sha256()
     size = 0
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
             sha.update(chunk)
             size += len(chunk)
-        os.fsync(fh.fileno())
+        if sync:
+            os.fsync(fh.fileno())
     return sha.hexdigest(), size
 
 

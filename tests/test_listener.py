@@ -426,6 +426,20 @@ def test_changed_instance_is_refused_under_reject(start_bridge, tmp_path):
     assert data_set(stored) == data_set(original)
 
 
+def test_changed_instance_refused_under_reject_leaves_no_file_in_the_spool(
+    start_bridge, tmp_path
+):
+    bridge = start_bridge(ingest=IngestSettings(duplicates=DuplicatePolicy.REJECT))
+    original, changed = two_versions(tmp_path)
+    assert storescu(bridge.port, [original]).returncode == 0
+    spooled = sorted(bridge.spool.root.rglob("*.dcm"))
+
+    storescu(bridge.port, [changed])
+
+    assert bridge.listener.stats.snapshot()["instances_rejected"] == {"conflict": 1}
+    assert sorted(bridge.spool.root.rglob("*.dcm")) == spooled
+
+
 def test_malformed_instance_is_refused_and_the_association_goes_on(
     start_bridge, tmp_path
 ):

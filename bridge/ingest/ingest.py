@@ -268,6 +268,17 @@ class Ingest:
         if rule is None and self.settings.unrouted == Unrouted.REJECT:
             return Receipt(rejection=Rejection.UNROUTED, detail="no route matched")
 
+        if rule is None:
+            route = UNROUTED
+            quiet = self.settings.unrouted_quiet_seconds
+            max_age = self.settings.unrouted_max_age_seconds
+        else:
+            route, quiet, max_age = rule.name, rule.quiet_seconds, rule.max_age_seconds
+        if self.settings.duplicates == DuplicatePolicy.REJECT:
+            conflict = self._conflict(ds, route, path)
+            if conflict is not None:
+                return conflict
+
         spooled = self.spool.adopt_instance(path)
         inst = Instance(
             sop_instance_uid=str(ds.SOPInstanceUID),
@@ -283,12 +294,6 @@ class Ingest:
             patient_id=str(ds.get("PatientID", "") or ""),
             received_at=self._clock(),
         )
-        if rule is None:
-            route = UNROUTED
-            quiet = self.settings.unrouted_quiet_seconds
-            max_age = self.settings.unrouted_max_age_seconds
-        else:
-            route, quiet, max_age = rule.name, rule.quiet_seconds, rule.max_age_seconds
         result = self.store.add_instance(
             inst,
             route=route,
@@ -297,12 +302,9 @@ class Ingest:
             duplicates=self.settings.duplicates,
         )
         if result.outcome == InstanceOutcome.CONFLICT:
-            return Receipt(
-                rejection=Rejection.CONFLICT,
-                study_ref=result.study.ref,
-                size_bytes=spooled.size_bytes,
-                detail="known instance with other bytes",
-            )
+            # Recorded by another association since _conflict looked; the
+            # spooled copy no record names goes with retention's orphan sweep.
+            return _conflicting(result.study.ref, spooled.size_bytes)
 
         study = result.study
         if result.previous is not None:
@@ -319,6 +321,19 @@ class Ingest:
             study_ref=result.study.ref,
             size_bytes=spooled.size_bytes,
         )
+
+    def _conflict(self, ds: Dataset, route: str, path: Path) -> Receipt | None:
+        """Under the reject policy, refuse a known instance with other bytes
+        before it is spooled, so that no refused file is left in the spool."""
+        known = self.store.find_instance(
+            str(ds.StudyInstanceUID), route, str(ds.SOPInstanceUID)
+        )
+        if known is None:
+            return None
+        digest, size = self.spool.received_digest(path)
+        if digest == known.digest:
+            return None
+        return _conflicting(known.study_ref, size)
 
     def _keep_replaced(self, previous: Instance, study: Study) -> None:
         """Keep the version a newer one displaced (keep-newest), and say so.
@@ -387,6 +402,16 @@ class Ingest:
                 continue
             met.update(rule.satisfied_series(ds))
         return met
+
+
+def _conflicting(study_ref: str, size_bytes: int) -> Receipt:
+    """The receipt of a known instance with other bytes, under the reject policy."""
+    return Receipt(
+        rejection=Rejection.CONFLICT,
+        study_ref=study_ref,
+        size_bytes=size_bytes,
+        detail="known instance with other bytes",
+    )
 
 
 def _uid_problem(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> str:
