@@ -195,3 +195,17 @@ def test_keep_replaced_links_the_file_under_its_study(spool, tmp_path):
 def test_keep_replaced_refuses_a_study_ref_the_stores_never_make(spool, bad):
     with pytest.raises(SpoolError):
         spool.keep_replaced("instances/00/none.dcm", bad)
+
+
+def test_incoming_file_that_cannot_be_created_takes_the_data_set_all_the_same(
+    tmp_path,
+):
+    spool = Spool(tmp_path / "spool")
+    spool.incoming.rmdir()  # mkstemp now fails, as on a disk without inodes
+
+    incoming = spool.incoming_file(delete=False, mode="wb", suffix=".dcm")
+
+    assert incoming.write(b"data set") == 8
+    with pytest.raises(SpoolError):
+        spool.check_received(Path(incoming.name))
+    incoming.close()
