@@ -75,7 +75,7 @@ class RetrySettings:
     initial_seconds: float = 5.0
     factor: float = 2.0
     max_seconds: float = 600.0
-    max_attempts: int = 50
+    max_attempts: int = 0  # 0: no limit, max_age_seconds decides
     max_age_seconds: float = 3 * 86400.0
 
 

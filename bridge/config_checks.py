@@ -200,9 +200,10 @@ def _check_ranges(where: str, settings, problems: list[str]) -> None:
                 f"{where}.retry.{name}: expected 0 or more seconds, got "
                 f"{getattr(retry, name)}"
             )
-    if retry.max_attempts < 1:
+    if retry.max_attempts < 0:
         problems.append(
-            f"{where}.retry.max_attempts: expected 1 or more, got {retry.max_attempts}"
+            f"{where}.retry.max_attempts: expected 0 (no limit) or more, "
+            f"got {retry.max_attempts}"
         )
     if circuit.failures_to_open < 1 or circuit.open_seconds < 0:
         problems.append(

@@ -204,11 +204,12 @@ def test_retry_numbers_out_of_range_are_refused(tmp_path):
     path = _write(
         tmp_path,
         "peers:\n  - {name: p, entity: {id: x}, encryption_key: "
-        "x, url: http://x, token: t, retry: {factor: 0.5, max_attempts: 0}}\n",
+        "x, url: http://x, token: t, retry: {factor: 0.5, max_attempts: -1}}\n",
     )
     problems = _problems(path)
     assert "peers[0].retry.factor: expected 1 or more, got 0.5" in problems
-    assert "peers[0].retry.max_attempts: expected 1 or more, got 0" in problems
+    expected = "peers[0].retry.max_attempts: expected 0 (no limit) or more, got -1"
+    assert expected in problems
 
 
 def test_key_file_that_cannot_be_read_is_reported_with_its_path(tmp_path):

@@ -163,3 +163,39 @@ def test_backoff_grows_and_stays_under_the_cap():
     assert 5 <= policy.delay(1) <= 10
     assert 20 <= policy.delay(3) <= 40
     assert 30 <= policy.delay(10) <= 60
+
+
+def _fail_until_dead(policy: RetryPolicy, monkeypatch) -> float:
+    """Fail a job at every attempt on a fake clock, each retry after the shortest
+    delay the policy can draw; return the clock when it goes to dead-letter."""
+    # Equal jitter draws the random half from uniform(0, base/2): its lower end
+    # is the shortest wait, so the most attempts fit into any span of time.
+    monkeypatch.setattr("bridge.workers.policy.random.uniform", lambda low, high: low)
+    clock, attempts = 0.0, 0
+    while True:
+        attempts += 1
+        if policy.exhausted(attempts, created_at=0.0, now=clock):
+            return clock
+        clock += policy.delay(attempts)
+
+
+def test_default_retry_policy_keeps_a_job_failing_for_a_whole_day(monkeypatch):
+    dead_at = _fail_until_dead(RetryPolicy(), monkeypatch)
+
+    assert dead_at > 86400
+
+
+def test_default_retry_policy_dead_letters_once_max_age_has_passed(monkeypatch):
+    policy = RetryPolicy()
+
+    dead_at = _fail_until_dead(policy, monkeypatch)
+
+    assert (
+        policy.max_age_seconds <= dead_at <= policy.max_age_seconds + policy.max_seconds
+    )
+
+
+def test_max_attempts_above_zero_still_limits_attempts():
+    policy = RetryPolicy(max_attempts=3)
+    assert not policy.exhausted(2, created_at=0.0, now=1.0)
+    assert policy.exhausted(3, created_at=0.0, now=1.0)

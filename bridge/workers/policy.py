@@ -26,7 +26,10 @@ class RetryPolicy:
     initial_seconds: float = 5.0
     factor: float = 2.0
     max_seconds: float = 600.0
-    max_attempts: int = 50
+    # 0 sets no limit on attempts, so that max_age_seconds alone decides: with
+    # the capped backoff, any fixed count ends far sooner (50 attempts is about
+    # 5.4 hours), and a PACS or peer down for a day must lose nothing.
+    max_attempts: int = 0
     max_age_seconds: float = 3 * 86400.0
 
     def delay(self, attempts: int, retry_after: float | None = None) -> float:
@@ -39,8 +42,13 @@ class RetryPolicy:
         return wait
 
     def exhausted(self, attempts: int, created_at: float, now: float) -> bool:
-        """Return True when a job with ``attempts`` failures must go to dead-letter."""
-        return attempts >= self.max_attempts or now - created_at >= self.max_age_seconds
+        """Return True when a job with ``attempts`` failures must go to dead-letter.
+
+        ``max_attempts`` of 0 sets no limit on attempts; the age still does.
+        """
+        if self.max_attempts and attempts >= self.max_attempts:
+            return True
+        return now - created_at >= self.max_age_seconds
 
 
 @dataclass(frozen=True)
