@@ -18,6 +18,13 @@ returns, or raises, decides the job's fate:
 Failures that concern a target (a peer, a PACS) feed that target's circuit
 breaker; while it is open the target's jobs stay ready and cost nothing.
 
+While a handler runs, the worker renews its job's lease every third of the
+lease, so that a handler that takes longer than the lease (a large study, a
+slow PACS) is not taken over by another thread or process and run twice at
+once. Should a renewal find the lease lost all the same (the store was out of
+reach for a whole lease, say), the job's :attr:`JobContext.lease_lost` is set,
+and a handler that watches it stops: the job belongs to someone else now.
+
 An idle worker waits for the store to tell it of a due job in its queue
 (:meth:`Store.subscribe`), so a hand-off from one queue to the next within the
 process costs no poll interval. It still polls, for what no one announces: a
@@ -90,10 +97,17 @@ class Outcome:
 
 @dataclass
 class JobContext:
-    """What a handler may use besides its job: the stop flag and lease renewal."""
+    """What a handler may use besides its job: the stop flag and lease renewal.
+
+    ``lease_lost`` is set by the worker when a renewal of the job's lease
+    failed: another owner may be running the job, so a handler should stop
+    its side effects as soon as it can. ``renew`` renews at once (the worker
+    already renews periodically).
+    """
 
     stopping: threading.Event
     renew: Callable[[], bool]
+    lease_lost: threading.Event = field(default_factory=threading.Event)
 
 
 Handler = Callable[[Job, JobContext], Outcome]
@@ -147,6 +161,11 @@ class Worker:
         self._owner_prefix = f"{node}:{spec.queue}:{uuid.uuid4().hex[:8]}"
         self._in_flight: dict[str, int] = {}
         self._lock = threading.Lock()
+        # The jobs whose handler is running, by owner, with their context. A
+        # renewal round holds _renew_lock, and a handler's job leaves this map
+        # under it, so no renewal runs for a job whose handler has returned.
+        self._renewing: dict[str, tuple[int, JobContext]] = {}
+        self._renew_lock = threading.Lock()
 
     def start(self) -> None:
         """Start the worker threads, woken by the store when a job is enqueued."""
@@ -161,6 +180,11 @@ class Worker:
             )
             self._threads.append(thread)
             thread.start()
+        renewer = threading.Thread(
+            target=self._renew_loop, name=f"renewer-{self.spec.queue}", daemon=True
+        )
+        self._threads.append(renewer)
+        renewer.start()
 
     def wake(self) -> None:
         """Ask idle threads to look for work now instead of at the next poll."""
@@ -195,6 +219,41 @@ class Worker:
         self._process(job, owner)
         return True
 
+    def renew_leases(self) -> None:
+        """Renew the lease of every job whose handler is running now.
+
+        A renewal that finds the lease lost sets the job's ``lease_lost``. A
+        store error is logged and the round goes on: the next one tries again
+        well before the lease runs out.
+        """
+        with self._renew_lock:
+            for owner, (job_id, ctx) in self._renewing.items():
+                if ctx.lease_lost.is_set():
+                    continue
+                try:
+                    kept = self.store.renew(job_id, owner, self.spec.lease_seconds)
+                except Exception as exc:
+                    logger.warning(
+                        "lease renewal failed queue=%s job=%d error=%s",
+                        self.spec.queue,
+                        job_id,
+                        type(exc).__name__,
+                    )
+                    continue
+                if not kept:
+                    ctx.lease_lost.set()
+                    logger.warning(
+                        "lease lost while running queue=%s job=%d",
+                        self.spec.queue,
+                        job_id,
+                    )
+
+    def _renew_loop(self) -> None:
+        # A third of the lease: two rounds may fail or come late before the
+        # lease runs out.
+        while not self.stopping.wait(self.spec.lease_seconds / 3):
+            self.renew_leases()
+
     def _loop(self, owner: str, woken: threading.Event) -> None:
         while not self.stopping.is_set():
             # Cleared before looking, not after waiting: a wake-up that comes
@@ -226,7 +285,13 @@ class Worker:
         started = time.monotonic()
         try:
             test_only_crash_point(f"{self.spec.queue}.before-handler")
-            outcome = self._run_handler(job, ctx)
+            with self._renew_lock:
+                self._renewing[owner] = (job.id, ctx)
+            try:
+                outcome = self._run_handler(job, ctx)
+            finally:
+                with self._renew_lock:
+                    self._renewing.pop(owner, None)
             # The handler's effect is out (the peer said 201, the PACS stored
             # the instances) but the job is not yet marked: the crash tests
             # stop here to prove the repeat that follows is harmless.
