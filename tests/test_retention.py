@@ -7,6 +7,7 @@ import time
 import pytest
 
 from bridge.ops.retention import Janitor
+from bridge.receiving.progress import DELIVERED, Answer, ProgressLog, progress_folder
 from bridge.spool import Spool
 from bridge.store import (
     DuplicatePolicy,
@@ -155,21 +156,29 @@ def test_file_shared_with_an_open_study_is_kept(site):
     assert path.exists()
 
 
-def test_quarantined_envelope_is_never_purged(site):
-    store, spool, janitor = site
-    env_id = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
-    kept = spool.envelope_path("quarantine", env_id)
+INCOMING_ID = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
+
+
+def _incoming(store, spool, folder: str, state: str):
+    """Record an incoming envelope whose zip is in ``folder``; return the zip."""
+    kept = spool.envelope_path(folder, INCOMING_ID)
     kept.write_bytes(b"zip")
     store.put_envelope(
         Envelope(
-            id=env_id,
+            id=INCOMING_ID,
             direction="in",
             peer="a",
             path=spool.relative(kept),
             size_bytes=3,
-            state="quarantined",
+            state=state,
         )
     )
+    return kept
+
+
+def test_quarantined_envelope_is_never_purged(site):
+    store, spool, janitor = site
+    kept = _incoming(store, spool, "quarantine", "quarantined")
 
     assert janitor.run_once(now=LATER).envelopes == 0
     assert kept.exists()
@@ -208,3 +217,18 @@ def test_version_1_store_is_upgraded_in_place(tmp_path):
     store = SQLiteStore(path)
     assert store.purgeable_studies(LATER) == []
     store.close()
+
+
+def test_opened_envelope_loses_its_payload_and_progress_logs(site):
+    store, spool, janitor = site
+    inbox = _incoming(store, spool, "inbox", "opened")
+    opened = spool.envelope_path("opened", INCOMING_ID)
+    (opened / "dicom").mkdir(parents=True)
+    (opened / "dicom" / "1.dcm").write_bytes(b"dicom")
+    with ProgressLog(opened, "pacs") as log:
+        log.note("dicom/1.dcm", Answer(DELIVERED))
+
+    assert janitor.run_once(now=LATER).envelopes == 1
+
+    assert not inbox.exists() and not opened.exists()
+    assert not progress_folder(opened).exists()

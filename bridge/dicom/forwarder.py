@@ -149,6 +149,13 @@ class _Item:
     syntax: UID
 
 
+# (index in the file list, its result, its SOP Class UID): see forward().
+InstanceHook = Callable[[int, InstanceResult, str], None]
+
+# Why instances were handed back unsent when the caller set ``stop``.
+_STOPPED = "not sent: the caller stopped the forward"
+
+
 @dataclass
 class _Run:
     """The mutable state of one :func:`forward` call."""
@@ -161,6 +168,13 @@ class _Run:
     # response and a storage commitment report. One association at a time.
     reply: dict = field(default_factory=dict)
     on_commitment_requested: Callable[[str], None] | None = None
+    on_instance: InstanceHook | None = None
+    stop: threading.Event | None = None
+    hook_failed: bool = False  # on_instance raised once: said once in the log
+
+    def stopped(self) -> bool:
+        """Whether the caller asked that no more instances be sent."""
+        return self.stop is not None and self.stop.is_set()
 
 
 def forward(
@@ -169,6 +183,9 @@ def forward(
     *,
     counters: MutableMapping[str, int] | None = None,
     on_commitment_requested: Callable[[str], None] | None = None,
+    on_instance: InstanceHook | None = None,
+    stop: threading.Event | None = None,
+    also_commit: list[tuple[str, str]] = (),
 ) -> ForwardResult:
     """Store ``files`` into ``dest`` over one association and report each outcome.
 
@@ -187,6 +204,16 @@ def forward(
     report before this call returns). Should it raise, no N-ACTION is sent and
     the commitment is ``failed``.
 
+    ``on_instance``, when given, is called in the sending thread with each
+    file's index, result and SOP Class UID as soon as its outcome is known (for
+    a sent instance: when its C-STORE response came), before the next instance
+    is sent, so that the caller can record progress that must survive a crash
+    of this call. Should it raise, the error is logged and the outcome stands.
+
+    ``stop``, when set, ends the sending before the next instance; what was
+    not sent is retryable. ``also_commit`` adds (SOP Class, SOP Instance UID)
+    pairs delivered by an earlier call to the storage commitment request.
+
     Sets pynetdicom's process-wide options for chunked sending and no
     identifier logging. Raises RetryableTransportError when no association
     could be made at all (refused, timed out, rejected transient) and
@@ -194,7 +221,13 @@ def forward(
     """
     started = time.monotonic()
     _configure_pynetdicom()
-    run = _Run(dest, on_commitment_requested=on_commitment_requested)
+    run = _Run(
+        dest,
+        delivered_refs=list(also_commit),
+        on_commitment_requested=on_commitment_requested,
+        on_instance=on_instance,
+        stop=stop,
+    )
     tls_args = (ssl_context(dest.tls), dest.host) if dest.tls else None
 
     items = _read_headers(files, run)
@@ -202,6 +235,9 @@ def forward(
     for batch in _plan_batches(items, dest.storage_commitment):
         if assoc is not None and assoc.is_established:
             assoc.release()
+        if run.stopped():
+            _give_back(run, batch, _STOPPED)
+            continue
         assoc = _send_batch(run, batch, tls_args)
 
     commitment = None
@@ -479,12 +515,14 @@ def _send_batch(run: _Run, batch: list[_Item], tls_args):
         pending = [i for i in pending if i.index not in run.results]
         if not pending:
             return assoc
+        if run.stopped():
+            _give_back(run, pending, _STOPPED)
+            return assoc
         if assoc.is_established:
             assoc.release()
         fruitless = 0 if answered else fruitless + 1
         if fruitless >= _MAX_FRUITLESS_ASSOCIATIONS:
-            for item in pending:
-                _record(run, item, Outcome.RETRYABLE, None, "no response from peer")
+            _give_back(run, pending, "no response from peer")
             return None
         logger.warning(
             "association lost dest=%s answered=%d left=%d; reassociating",
@@ -492,6 +530,12 @@ def _send_batch(run: _Run, batch: list[_Item], tls_args):
             answered,
             len(pending),
         )
+
+
+def _give_back(run: _Run, items: list[_Item], reason: str) -> None:
+    """Record ``items`` as not sent and worth sending later."""
+    for item in items:
+        _record(run, item, Outcome.RETRYABLE, None, reason)
 
 
 def _fail_all(run: _Run, items: list[_Item], error: Exception) -> None:
@@ -517,7 +561,7 @@ def _send_items(run: _Run, assoc, items: list[_Item]) -> int:
     """
     answered = sent = 0
     for item in items:
-        if not assoc.is_established:
+        if not assoc.is_established or run.stopped():
             break
         payload, converted, reason = _payload(assoc, item)
         if payload is None:
@@ -535,7 +579,8 @@ def _send_items(run: _Run, assoc, items: list[_Item]) -> int:
         code = getattr(status, "Status", None)
         if code is None:
             # DIMSE timeout or the association was lost: pynetdicom has
-            # aborted it. Leave the item unrecorded so it goes out again.
+            # aborted it. Leave the item unrecorded so it goes out again,
+            # although the PACS may have stored it (README L-32).
             break
         answered += 1
         outcome, why = classify_status(int(code))
@@ -605,7 +650,7 @@ def _record(
     reason: str,
     converted: bool = False,
 ) -> None:
-    run.results[item.index] = InstanceResult(
+    result = run.results[item.index] = InstanceResult(
         item.path,
         str(item.sop_instance),
         outcome,
@@ -613,6 +658,17 @@ def _record(
         reason,
         converted and outcome is Outcome.DELIVERED,
     )
+    if run.on_instance is not None:
+        try:
+            run.on_instance(item.index, result, str(item.sop_class))
+        except Exception as exc:  # the caller's hook; the outcome stands
+            if not run.hook_failed:
+                logger.warning(
+                    "instance outcome not noted dest=%s error=%s",
+                    run.dest.name,
+                    type(exc).__name__,
+                )
+            run.hook_failed = True
     if outcome is Outcome.DELIVERED:
         run.delivered_refs.append((str(item.sop_class), str(item.sop_instance)))
     elif outcome is Outcome.PERMANENT:

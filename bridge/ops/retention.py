@@ -2,13 +2,13 @@
 
 A study's instance files go once every envelope built from it was delivered
 and the retention time has passed since it was sealed; an outgoing envelope's
-zip once it was delivered; an incoming envelope's zip and opened payload once
-every destination has stored it; the earlier versions of a study's replaced
-instances (``replaced/<ref>/``) go with the study. Files that no record names
-(the ``instances/`` copy of such a version, say) go once they are older than
-a day. Quarantined envelopes and held or open studies are never touched: they
-wait for an operator. Records stay, marked purged, so the history of every
-study can still be shown.
+zip once it was delivered; an incoming envelope's zip, opened payload and
+forward progress logs once every destination has stored it; the earlier
+versions of a study's replaced instances (``replaced/<ref>/``) go with the
+study. Files that no record names (the ``instances/`` copy of such a version,
+say) go once they are older than a day. Quarantined envelopes and held or open
+studies are never touched: they wait for an operator. Records stay, marked
+purged, so the history of every study can still be shown.
 
 Files are removed before the record is marked, so a crash in between only
 means the next round removes nothing and marks the record.
@@ -21,6 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
+from bridge.receiving.progress import progress_folder
 from bridge.spool import Spool
 from bridge.store import Store
 from bridge.workers.periodic import Periodic
@@ -80,6 +81,9 @@ class Janitor:
             if env.direction == "in":
                 opened = self.spool.envelope_path("opened", env.id)
                 done.bytes += self._remove(self.spool.relative(opened))
+                # The forward progress logs live beside the payload they name.
+                progress = progress_folder(opened)
+                done.bytes += self._remove(self.spool.relative(progress))
             self.store.mark_envelope_purged(env.id, env.direction)
             done.envelopes += 1
         self._sweep_orphans(now, done)

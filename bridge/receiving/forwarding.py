@@ -3,11 +3,19 @@
 One job per envelope and destination. Its payload keeps the instances that
 remain (paths relative to the opened folder), those refused for good with
 their reasons, and how many were delivered, so that a retry sends only what
-remains. When every instance that can be delivered is, the instances refused
-for good stay behind in the job, which goes to dead-letter with the reasons:
-an operator sees them and can send them again. Storage commitment results are
-recorded in the envelope's details. With a node identity and signing key, a
-signed ``forwarded`` entry (destination and instance count) is appended to this
+remains. The store records that payload only when a run ends; within a run,
+each instance's answer goes at once to the envelope's progress log for the
+destination (:mod:`bridge.receiving.progress`), which the next run reads first,
+so that after a crash only an instance whose success came but was not yet
+noted (a few microseconds) is sent twice. A run stops sending when its lease
+was lost (another owner has the job).
+
+When every instance that can be delivered is, the instances refused for good
+stay behind in the job, which goes to dead-letter with the reasons: an operator
+sees them and can send them again. Storage commitment results are recorded in
+the envelope's details; a run's request also names the instances an earlier,
+interrupted run delivered. With a node identity and signing key, a signed
+``forwarded`` entry (destination and instance count) is appended to this
 node's copy of the envelope's audit when a destination has every instance.
 """
 
@@ -23,6 +31,7 @@ from bridge.dicom.forwarder import Outcome as InstanceOutcome
 from bridge.errors import EnvelopeError, SpoolError
 from bridge.jmix import Entity
 from bridge.jmix.audit import FORWARDED, append_audit, forwarded_to, update_stored_audit
+from bridge.receiving.progress import DELIVERED, PERMANENT, Answer, ProgressLog
 from bridge.spool import Spool, validate_envelope_id
 from bridge.store import Job, NewJob, Store
 from bridge.workers.base import JobContext, Outcome
@@ -65,17 +74,30 @@ class Forwarder:
         remaining = list(job.payload.get("remaining", []))
         failed = dict(job.payload.get("failed", {}))
         delivered = int(job.payload.get("delivered", 0))
-        if not remaining and failed:
+        resend = not remaining and bool(failed)
+        if resend:
             # An operator re-sent a dead-lettered job: try the refused ones again.
             remaining, failed = sorted(failed), {}
-
-        result = forward(
-            dest,
-            [base / rel for rel in remaining],
-            on_commitment_requested=lambda uid: self.store.record_commitment(
-                uid, env_id, dest.name, "requested"
-            ),
+        log = ProgressLog(base, dest.name)
+        remaining, earlier = _leave_out_answered(
+            remaining, failed, self._read(log, env_id, dest.name), resend
         )
+        delivered += len(earlier)
+
+        try:
+            note = self._open(log, env_id, dest.name, resend, remaining)
+            result = forward(
+                dest,
+                [base / rel for rel in remaining],
+                on_commitment_requested=lambda uid: self.store.record_commitment(
+                    uid, env_id, dest.name, "requested"
+                ),
+                on_instance=note,
+                stop=ctx.lease_lost,
+                also_commit=earlier,
+            )
+        finally:
+            log.close()
         self.on_result(dest.name, result)
 
         retry, reasons = [], []
@@ -124,6 +146,57 @@ class Forwarder:
                 )
             )
         return Outcome.done(payload=payload, jobs=jobs)
+
+    def _read(self, log: ProgressLog, env_id: str, dest: str) -> dict[str, Answer]:
+        """Return what the progress log holds; nothing when it cannot be read."""
+        try:
+            return log.read()
+        except OSError as exc:
+            # Without the log, instances already answered are sent again: a
+            # repeat, never a loss.
+            logger.warning(
+                "progress log not read envelope=%s dest=%s error=%s",
+                env_id,
+                dest,
+                type(exc).__name__,
+            )
+            return {}
+
+    def _open(
+        self,
+        log: ProgressLog,
+        env_id: str,
+        dest: str,
+        resend: bool,
+        remaining: list[str],
+    ):
+        """Open ``log`` and return the hook that notes each final answer in it,
+        or None when it cannot be opened (the forward goes on unrecorded)."""
+        try:
+            log.open()
+            if resend:
+                log.note_resend()
+        except OSError as exc:
+            logger.warning(
+                "progress log not opened envelope=%s dest=%s error=%s",
+                env_id,
+                dest,
+                type(exc).__name__,
+            )
+            return None
+
+        def note(index: int, inst, sop_class: str) -> None:
+            if inst.outcome is InstanceOutcome.DELIVERED:
+                answer = Answer(
+                    DELIVERED, sop_class=sop_class, sop_instance=inst.sop_instance_uid
+                )
+            elif inst.outcome is InstanceOutcome.PERMANENT:
+                answer = Answer(PERMANENT, inst.reason)
+            else:
+                return
+            log.note(remaining[index], answer)
+
+        return note
 
     def _audit(self, env_id: str, destination: str, delivered: int) -> None:
         """Append a signed ``forwarded`` entry to this node's copy of the audit."""
@@ -181,3 +254,28 @@ class Forwarder:
         self.store.set_envelope_state(
             env_id, "in", env.state, reason=env.reason, details=details
         )
+
+
+def _leave_out_answered(
+    remaining: list[str],
+    failed: dict[str, str],
+    answered: dict[str, Answer],
+    resend: bool,
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Drop from ``remaining`` what an earlier run's progress log answers.
+
+    Refusals move into ``failed`` with their reasons, unless this run re-sends
+    refused instances (``resend``). Returns what is left to send and the (SOP
+    Class, SOP Instance UID) of each instance dropped as delivered. Idempotent:
+    an instance the payload already shows as done is not in ``remaining``.
+    """
+    left, earlier = [], []
+    for rel in remaining:
+        answer = answered.get(rel)
+        if answer is None or (answer.outcome == PERMANENT and resend):
+            left.append(rel)
+        elif answer.outcome == DELIVERED:
+            earlier.append((answer.sop_class, answer.sop_instance))
+        else:
+            failed[rel] = answer.reason
+    return left, earlier
