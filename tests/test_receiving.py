@@ -2,6 +2,7 @@
 real PACS (Orthanc, dcmtk storescp) and keep what remains across retries."""
 
 import zipfile
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,12 @@ class Site:
     """A receiving site: keys, store, spool, and the open and forward workers."""
 
     def __init__(
-        self, root: Path, sender_keys: Path, destinations: dict, retry_seconds=0.0
+        self,
+        root: Path,
+        sender_keys: Path,
+        destinations: dict,
+        retry_seconds=0.0,
+        expiry="reject",
     ):
         self.keys = load_key_dir(_keys(root / "keys"))
         self.store = SQLiteStore(root / "state.db")
@@ -42,7 +48,9 @@ class Site:
         trust = TrustStore([(SENDER.id, sender_keys / "signing.pub")])
         senders = {
             "clinic-a": SenderTrust(
-                "clinic-a", trust, OpenPolicy(expected_receiver_id=RECEIVER.id)
+                "clinic-a",
+                trust,
+                OpenPolicy(expected_receiver_id=RECEIVER.id, expiry=expiry),
             )
         }
         self.outcomes: list[str] = []
@@ -104,7 +112,7 @@ def sender_keys(tmp_path):
     return _keys(tmp_path / "sender-keys")
 
 
-def _envelope(tmp_path, sender_keys, site, count=4, signer=None):
+def _envelope(tmp_path, sender_keys, site, count=4, signer=None, expires_in=None):
     study = make_study(
         tmp_path / f"study-{free_port()}", series=2, per_series=count // 2
     )
@@ -117,6 +125,7 @@ def _envelope(tmp_path, sender_keys, site, count=4, signer=None):
         signing_key=keys.signing_key,
         receiver=RECEIVER,
         recipient_public=site.keys.encryption_key.public_key(),
+        expires_in=expires_in,
     )
     return out, result.envelope_id, study
 
@@ -237,6 +246,46 @@ def test_replayed_envelope_id_is_quarantined_not_forwarded_twice(
     site.run()
 
     assert site.outcomes == ["accepted", "duplicate"]
+    assert len(storescp.files()) == len(study)
+
+
+def test_expired_envelope_is_quarantined_as_expired_under_reject(
+    tmp_path, sender_keys, storescp
+):
+    dest = Destination("pacs", storescp.ae_title, "127.0.0.1", storescp.port)
+    site = Site(tmp_path / "b", sender_keys, {"pacs": dest}, expiry="reject")
+    zip_path, env_id, _ = _envelope(
+        tmp_path, sender_keys, site, expires_in=timedelta(seconds=-60)
+    )
+
+    site.receive(zip_path, env_id)
+    site.run()
+
+    env = site.store.get_envelope(env_id, "in")
+    assert env.state == "quarantined"
+    assert env.reason.startswith("ExpiredAssertion: ")
+    assert site.outcomes == ["expired"]
+    assert site.store.list_jobs(queue="forward") == []
+    assert storescp.files() == []
+    assert not site.store.is_seen(env_id)
+
+
+def test_expired_envelope_is_forwarded_with_a_warning_under_warn(
+    tmp_path, sender_keys, storescp
+):
+    dest = Destination("pacs", storescp.ae_title, "127.0.0.1", storescp.port)
+    site = Site(tmp_path / "b", sender_keys, {"pacs": dest}, expiry="warn")
+    zip_path, env_id, study = _envelope(
+        tmp_path, sender_keys, site, expires_in=timedelta(seconds=-60)
+    )
+
+    site.receive(zip_path, env_id)
+    site.run()
+
+    env = site.store.get_envelope(env_id, "in")
+    assert env.state == "opened"
+    assert site.outcomes == ["accepted"]
+    assert any("expired" in note for note in env.details["warnings"])
     assert len(storescp.files()) == len(study)
 
 
