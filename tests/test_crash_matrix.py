@@ -16,6 +16,9 @@ the one the stage explains.
 
 from __future__ import annotations
 
+import json
+import sqlite3
+
 import pytest
 
 from tests.support.net import wait_until
@@ -95,15 +98,30 @@ def test_crash_point_then_restart_delivers_every_instance(stage, sites, pacs, tm
 
     assert wait_dead(dying) == -9
     left = debris(sites, site)
+    packed = sorted(p.name for p in (sites.spool("a") / "outbox").glob("*.zip"))
     restart(sites, site, dying)
     assert end_state(sites, pacs, study) == repeats
     assert dead_jobs(sites) == 0
+    if point == "seal.after-handler":
+        # The zip the dead run built is the one delivered: the run after the
+        # restart found it and packed nothing (no pack stage timed).
+        assert len(packed) == 1
+        assert _outgoing_stage_seconds(sites) == {packed[0].removesuffix(".zip"): {}}
     if left_behind:
         assert any(name.endswith(left_behind) for name in left), left
     if point == "deliver.after-handler":
         # The repeat is answered 409 by B, which holds the envelope already.
         assert "result=duplicate" in sites.a.log_text()
     print(f"matrix stage={stage} repeats={repeats} debris={left}")
+
+
+def _outgoing_stage_seconds(sites: Sites) -> dict[str, dict]:
+    """The pack stage times A recorded for each envelope it built, by id."""
+    with sqlite3.connect(sites.db("a"), timeout=10) as conn:
+        rows = conn.execute(
+            "SELECT id, details FROM envelopes WHERE direction = 'out'"
+        ).fetchall()
+    return {env_id: json.loads(details)["stage_seconds"] for env_id, details in rows}
 
 
 def test_crash_mid_upload_delivers_after_restart(tmp_path, pacs):
