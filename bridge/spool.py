@@ -450,6 +450,12 @@ class Spool:
         name = checked if folder == "opened" else f"{checked}.zip"
         return self.root / folder / name
 
+    def superseded_path(self, envelope_id: str, number: int) -> Path:
+        """Return ``quarantine/<id>.superseded-<number>.zip``: where a quarantined
+        envelope is kept when a resend of the same id takes its record."""
+        checked = validate_envelope_id(envelope_id)
+        return self.root / "quarantine" / f"{checked}.superseded-{int(number)}.zip"
+
     def relative(self, path: Path) -> str:
         """Return ``path`` relative to the spool root, as the store records it."""
         return Path(path).resolve().relative_to(self.root).as_posix()

@@ -125,3 +125,24 @@ def test_a_released_envelope_is_opened_again_and_forwarded_to_the_pacs(live):
         lambda: forward_states(live) == ["done"], timeout=30, what="the forward done"
     )
     assert live.quarantine() == []
+
+
+def test_a_resend_of_a_quarantined_id_is_opened_and_the_first_copy_kept(live):
+    damaged = live.quarantined_file().read_bytes()
+
+    answer = post(live.sites.b_http, live.good.read_bytes())
+
+    # An id counts as seen only once accepted: the resend is taken (JMIX.md 4).
+    assert answer.status_code == 201, answer.text
+    wait_until(lambda: live.pacs.files(), timeout=60, what="the instance in the PACS")
+    wait_until(
+        lambda: forward_states(live) == ["done"], timeout=30, what="the forward done"
+    )
+    assert live.quarantine() == []
+    aside = (
+        live.sites.spool("b") / "quarantine" / f"{live.envelope_id}.superseded-1.zip"
+    )
+    assert aside.read_bytes() == damaged
+    assert not live.quarantined_file().exists()
+    # Accepted now: the same id again is a duplicate.
+    assert post(live.sites.b_http, live.good.read_bytes()).status_code == 409

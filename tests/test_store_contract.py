@@ -250,6 +250,35 @@ def test_set_envelope_state_changes_only_what_it_is_given(store):
     assert store.list_jobs(queue="q")[0].key == "j"
 
 
+def test_set_envelope_state_only_if_changes_nothing_from_another_state(store):
+    store.put_envelope(envelope(state="quarantined", details={"a": 1}))
+
+    moved = store.set_envelope_state(
+        ENV_ID, "out", "stored", path="y", jobs=[NewJob("q", "k")], only_if="packed"
+    )
+
+    assert moved is False
+    got = store.get_envelope(ENV_ID, "out")
+    assert (got.state, got.path, got.details) == (
+        "quarantined",
+        f"outbox/{ENV_ID}.zip",
+        {"a": 1},
+    )
+    assert store.list_jobs(queue="q") == []
+    assert store.set_envelope_state(
+        ENV_ID,
+        "out",
+        "stored",
+        path="y",
+        jobs=[NewJob("q", "k")],
+        size_bytes=42,
+        only_if="quarantined",
+    )
+    got = store.get_envelope(ENV_ID, "out")
+    assert (got.state, got.path, got.size_bytes) == ("stored", "y", 42)
+    assert [j.key for j in store.list_jobs(queue="q")] == ["k"]
+
+
 def test_find_envelopes_filters_newest_first(store):
     store.put_envelope(envelope("e1", created_at=1.0, study_instance_uid="1.2"))
     store.put_envelope(envelope("e2", created_at=2.0, study_instance_uid="1.2"))

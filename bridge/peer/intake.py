@@ -9,7 +9,12 @@ as its trust setting demands (``JMIX.md`` section 4). Decrypting and checking
 every file is the opener's work, on the queued ``open`` job.
 
 An id is refused as a duplicate when an inbound envelope with that id is
-recorded or was accepted (``Store.is_seen``); nothing new is kept then.
+recorded or was accepted (``Store.is_seen``); nothing new is kept then. The
+one exception is an id whose only record is quarantined: an id counts as seen
+only once its envelope is accepted (``JMIX.md`` section 4), so a corrected
+resend takes the record over and is opened, while the quarantined file is kept
+beside it as ``quarantine/<id>.superseded-<n>.zip`` and named in the record's
+``superseded`` details, for an operator.
 
 Each envelope is counted once in ``jmix_bridge_envelopes_received_total``: here
 when intake refuses it (:meth:`Intake.refused`, with the opener's outcome
@@ -32,7 +37,7 @@ from bridge.errors import EnvelopeError, MalformedEnvelope, PolicyViolation, Spo
 # envelope sits at the root or under one folder is the library's own logic.
 from bridge.jmix._archive import Source
 from bridge.peer.settings import InboundSender
-from bridge.receiving.opener import OutcomeHook, classify
+from bridge.receiving.opener import QUARANTINED, OutcomeHook, classify
 from bridge.spool import Spool, fsync_rename, validate_envelope_id
 from bridge.store.base import Envelope, NewJob, Store
 
@@ -139,10 +144,12 @@ class Intake:
         return Checked(envelope_id, signer or "", trust)
 
     def is_known(self, envelope_id: str) -> bool:
-        """Return True when an inbound envelope with this id is recorded or seen."""
-        return self.store.is_seen(envelope_id) or (
-            self.store.get_envelope(envelope_id, "in") is not None
-        )
+        """Return True when an inbound envelope with this id was accepted, or is
+        recorded in any state but quarantined (see the module docstring)."""
+        if self.store.is_seen(envelope_id):
+            return True
+        env = self.store.get_envelope(envelope_id, "in")
+        return env is not None and env.state != QUARANTINED
 
     def accept(self, part: Path, checked: Checked, sender: InboundSender) -> bool:
         """Move ``part`` (a file in the spool) to ``inbox/<id>.zip`` and record it.
@@ -174,10 +181,16 @@ class Intake:
             if self.is_known(envelope_id):
                 self.refused("duplicate", sender.name)
                 return False
-            # A file already at dest has no record (checked just above): it was
-            # left by a crash between the rename and the commit, so replace it.
-            fsync_rename(part, dest)
-            if not self.store.put_envelope(env, jobs=[job]):
+            quarantined = self.store.get_envelope(envelope_id, "in")
+            if quarantined is not None:
+                taken = self._supersede(quarantined, part, env, job)
+            else:
+                # A file already at dest has no record (checked just above): it
+                # was left by a crash between the rename and the commit, so
+                # replace it.
+                fsync_rename(part, dest)
+                taken = self.store.put_envelope(env, jobs=[job])
+            if not taken:
                 # Recorded meanwhile by another process sharing the store; the
                 # file we moved holds the same envelope id, so leave it.
                 self.refused("duplicate", sender.name)
@@ -191,6 +204,39 @@ class Intake:
             checked.trust,
         )
         return True
+
+    def _supersede(self, old: Envelope, part: Path, env: Envelope, job: NewJob) -> bool:
+        """Let the resend ``env`` take over the quarantined record ``old``.
+
+        The quarantined file moves aside first, under a name fixed by how many
+        resends came before, so that a crash before the commit leaves it where
+        a repeat of the same resend finds it, and a later quarantine of the
+        resend cannot overwrite it. Returns False when the record left the
+        quarantined state meanwhile (an operator released it, say).
+        """
+        earlier = list(old.details.get("superseded", []))
+        aside = self.spool.superseded_path(env.id, len(earlier) + 1)
+        held = self.spool.path_of(old.path)
+        if held.exists() and held != aside:
+            fsync_rename(held, aside)
+        fsync_rename(part, self.spool.path_of(env.path))
+        record = {
+            "path": self.spool.relative(aside),
+            "reason": old.reason,
+            "outcome": old.details.get("outcome", ""),
+        }
+        details = {**env.details, "superseded": [*earlier, record]}
+        resend = dataclasses.replace(job, key=f"{job.key}:resend-{len(earlier) + 1}")
+        return self.store.set_envelope_state(
+            env.id,
+            "in",
+            env.state,
+            details=details,
+            path=env.path,
+            jobs=[resend],
+            size_bytes=env.size_bytes,
+            only_if=QUARANTINED,
+        )
 
 
 def _sender_documents(path: Path) -> tuple[dict, bytes, bytes | None]:

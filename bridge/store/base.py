@@ -263,9 +263,18 @@ class Store(abc.ABC):
         details: dict | None = None,
         path: str | None = None,
         jobs: list[NewJob] = (),
-    ) -> None:
-        """Change an envelope's state (and optionally reason, details, path),
-        enqueueing ``jobs`` in the same transaction."""
+        *,
+        size_bytes: int | None = None,
+        only_if: str | None = None,
+    ) -> bool:
+        """Change an envelope's state (and optionally reason, details, path and
+        size), enqueueing ``jobs`` in the same transaction.
+
+        With ``only_if``, nothing changes and no job is enqueued unless the
+        envelope is in that state now. Returns True when the record changed
+        (False also for an unknown envelope, whose jobs are still enqueued when
+        ``only_if`` is not given).
+        """
 
     @abc.abstractmethod
     def find_envelopes(

@@ -363,31 +363,58 @@ class SQLiteStore(SQLiteJobs, Store):
         details: dict | None = None,
         path: str | None = None,
         jobs: list[NewJob] = (),
-    ) -> None:
+        *,
+        size_bytes: int | None = None,
+        only_if: str | None = None,
+    ) -> bool:
         with self._write() as conn:
-            self._set_envelope_state(
-                conn, envelope_id, direction, state, reason, details, path
+            changed = self._set_envelope_state(
+                conn,
+                envelope_id,
+                direction,
+                state,
+                reason,
+                details,
+                path,
+                size_bytes=size_bytes,
+                only_if=only_if,
             )
-            for job in jobs:
-                self._enqueue(conn, job)
+            if changed or only_if is None:
+                for job in jobs:
+                    self._enqueue(conn, job)
+            return changed
 
     @staticmethod
     def _set_envelope_state(
-        conn, envelope_id, direction, state, reason="", details=None, path=None
-    ) -> None:
+        conn,
+        envelope_id,
+        direction,
+        state,
+        reason="",
+        details=None,
+        path=None,
+        *,
+        size_bytes=None,
+        only_if=None,
+    ) -> bool:
         sets = ["state = ?", "reason = ?", "updated_at = ?"]
         args: list = [state, reason, time.time()]
-        if details is not None:
-            sets.append("details = ?")
-            args.append(dumps(details))
-        if path is not None:
-            sets.append("path = ?")
-            args.append(path)
-        conn.execute(
-            f"UPDATE envelopes SET {', '.join(sets)} "  # noqa: S608 (fixed columns)
-            "WHERE id = ? AND direction = ?",
-            (*args, envelope_id, direction),
-        )
+        for column, value in (
+            ("details", None if details is None else dumps(details)),
+            ("path", path),
+            ("size_bytes", size_bytes),
+        ):
+            if value is not None:
+                sets.append(f"{column} = ?")
+                args.append(value)
+        where = "id = ? AND direction = ?"
+        args += [envelope_id, direction]
+        if only_if is not None:
+            where += " AND state = ?"
+            args.append(only_if)
+        sql = f"UPDATE envelopes SET {', '.join(sets)} WHERE {where}"  # noqa: S608
+        cur = conn.execute(sql, args)  # the columns and conditions are fixed
+        return cur.rowcount == 1
 
     def find_envelopes(
         self,
