@@ -377,23 +377,19 @@ class PostgresStore(PostgresJobs, Store):
         size_bytes=None,
         only_if=None,
     ) -> bool:
-        sets = ["state = %s", "reason = %s", "updated_at = %s"]
-        args: list = [state, reason, time.time()]
-        for column, value in (
-            ("details", None if details is None else dumps(details)),
-            ("path", path),
-            ("size_bytes", size_bytes),
-        ):
-            if value is not None:
-                sets.append(f"{column} = %s")
-                args.append(value)
-        where = "id = %s AND direction = %s"
-        args += [envelope_id, direction]
-        if only_if is not None:
-            where += " AND state = %s"
-            args.append(only_if)
-        sql = f"UPDATE envelopes SET {', '.join(sets)} WHERE {where}"  # noqa: S608
-        cur = conn.execute(sql, args)  # the columns and conditions are fixed
+        sql, args = _rows.envelope_update(
+            "%s",
+            envelope_id,
+            direction,
+            state,
+            reason,
+            details=None if details is None else dumps(details),
+            path=path,
+            size_bytes=size_bytes,
+            only_if=only_if,
+            now=time.time(),
+        )
+        cur = conn.execute(sql, args)
         return cur.rowcount == 1
 
     def find_envelopes(
