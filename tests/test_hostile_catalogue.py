@@ -18,12 +18,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from bridge import errors
 from bridge.ingest import Ingest, IngestSettings, Rejection, RouteRule
 from bridge.jmix import Entity, OpenPolicy, load_signing_key, pack
 from bridge.jmix import load_encryption_public as load_enc_pub
-from bridge.jmix._assertion import make_jws
+from bridge.jmix._aead import Opener, derive_key, refuse_zero_secret, shared_secret
 from bridge.jmix._codec import b64url
 from bridge.peer.intake import Intake
 from bridge.peer.server import HEADER_SECONDS, PeerServer, create_app
@@ -32,7 +33,8 @@ from bridge.spool import Spool
 from bridge.store import SQLiteStore
 from tests.fuzz.envelopes import (
     DOCUMENTS,
-    SIGNING_KEY,
+    RECEIVER_KEY,
+    SPEC_INFO,
     VECTORS,
     Entry,
     payload_tar,
@@ -40,7 +42,6 @@ from tests.fuzz.envelopes import (
     sealed_entries,
     write_zip,
 )
-from tests.fuzz.envelopes import manifest as signed_manifest
 from tests.support.peer_env import (
     CT_SMALL,
     SITE_A,
@@ -246,19 +247,48 @@ LOW_ORDER = [
 
 @pytest.mark.parametrize("point", LOW_ORDER)
 def test_low_order_ephemeral_key_is_refused_without_detail(tmp_path, point):
-    entries = dict(sealed_entries(payload_tar()))
-    doc = json.loads(entries["manifest.json"])
-    key = base64.b64encode(bytes.fromhex(point)).decode()
-    doc["security"]["encryption"]["ephemeral_public_key"] = key
-    # Re-sign, as a sender holding a pinned key would: the key must still fail.
-    entries["manifest.json"] = json.dumps(signed_manifest(doc["security"])).encode()
-    entries["manifest.jws"] = make_jws(entries["manifest.json"], SIGNING_KEY)
+    # Sealed under the key the zero secret derives and signed by the pinned
+    # sender: the tag would verify, so only the refusal of the point stops it.
+    entries = sealed_entries(payload_tar(), low_order=bytes.fromhex(point))
 
     refused = open_entries([Entry(n, d) for n, d in entries.items()], tmp_path)
 
     assert isinstance(refused, errors.AuthenticationFailed)
     assert str(refused) == "authentication failed"
     assert refused.stage == "payload"
+
+
+def test_low_order_envelope_would_open_under_the_zero_secret(tmp_path):
+    # The premise of the test above: without the refusal, the payload is
+    # authentic under the key anyone can derive.
+    entries = sealed_entries(payload_tar(), low_order=bytes(32))
+    enc = json.loads(entries["manifest.json"])["security"]["encryption"]
+    opener = Opener(
+        derive_key(bytes(32), SPEC_INFO),
+        base64.b64decode(enc["iv"]),
+        base64.b64decode(enc["auth_tag"]),
+    )
+
+    plain = opener.update(entries["payload.encrypted"])
+    opener.finish()
+
+    assert plain == payload_tar()
+
+
+@pytest.mark.parametrize("point", LOW_ORDER)
+def test_shared_secret_refuses_each_low_order_point(point):
+    public = X25519PublicKey.from_public_bytes(bytes.fromhex(point))
+
+    with pytest.raises(errors.AuthenticationFailed) as refused:
+        shared_secret(RECEIVER_KEY, public)
+
+    assert refused.value.stage == "payload"
+
+
+def test_zero_secret_is_refused_whatever_the_library_returns():
+    with pytest.raises(errors.AuthenticationFailed):
+        refuse_zero_secret(bytes(32))
+    assert refuse_zero_secret(b"\x01" + bytes(31)) == b"\x01" + bytes(31)
 
 
 # -- DICOM cases -------------------------------------------------------------------

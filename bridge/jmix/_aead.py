@@ -37,8 +37,18 @@ def shared_secret(private: X25519PrivateKey, public: X25519PublicKey) -> bytes:
     try:
         secret = private.exchange(public)
     except ValueError as exc:
-        # cryptography itself refuses some low-order points.
+        # cryptography (OpenSSL 3) itself refuses the points it knows to be of
+        # low order; the check below does not rely on that.
         raise AuthenticationFailed(stage="payload") from exc
+    return refuse_zero_secret(secret)
+
+
+def refuse_zero_secret(secret: bytes) -> bytes:
+    """Return ``secret``, or raise AuthenticationFailed when it is all zero.
+
+    RFC 7748 section 6.1: the check is done by the caller of X25519, in
+    constant time, whatever the library below does.
+    """
     if hmac.compare_digest(secret, bytes(KEY_BYTES)):
         raise AuthenticationFailed(stage="payload")
     return secret

@@ -27,7 +27,7 @@ from bridge.jmix._assertion import make_assertion, make_jws, required_fields
 from bridge.jmix._codec import b64encode, dump_json, hash_text
 from bridge.jmix._payload import ClearHash
 from bridge.jmix.keys import raw_public
-from tests.vectors.generate import ID, STAMP, _dicom, _documents
+from tests.vectors.generate import ID, STAMP, ZeroSecretSealer, _dicom, _documents
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
 KEYS = VECTORS / "keys"
@@ -75,9 +75,20 @@ def manifest(security: dict) -> dict:
     return doc
 
 
-def sealed_entries(plain: bytes) -> dict[str, bytes]:
-    """Return the entries of a signed spec envelope whose plaintext tar is ``plain``."""
-    sealer = Sealer(RECEIVER_KEY.public_key(), b"JMIX-payload-encryption")
+SPEC_INFO = b"JMIX-payload-encryption"
+
+
+def sealed_entries(plain: bytes, low_order: bytes | None = None) -> dict[str, bytes]:
+    """Return the entries of a signed spec envelope whose plaintext tar is ``plain``.
+
+    With ``low_order``, that point is the ephemeral key and the payload is
+    sealed under the key the all-zero secret it forces derives.
+    """
+    if low_order is None:
+        sealer = Sealer(RECEIVER_KEY.public_key(), SPEC_INFO)
+        ephemeral = raw_public(sealer.ephemeral_public)
+    else:
+        sealer, ephemeral = ZeroSecretSealer(low_order, SPEC_INFO), low_order
     cipher = sealer.update(plain)
     tag = sealer.finish()
     doc = manifest(
@@ -86,7 +97,7 @@ def sealed_entries(plain: bytes) -> dict[str, bytes]:
             "payload_hash": hash_text(hashlib.sha256(cipher).digest()),
             "encryption": {
                 "algorithm": "AES-256-GCM",
-                "ephemeral_public_key": b64encode(raw_public(sealer.ephemeral_public)),
+                "ephemeral_public_key": b64encode(ephemeral),
                 "iv": b64encode(sealer.iv),
                 "auth_tag": b64encode(tag),
             },

@@ -3,9 +3,11 @@
 Each case is a folder ``<case>/`` holding ``envelope.zip`` and ``expect.json``
 (the expected outcome: ``opens`` or the name of the error, and the receiver
 policy to open it with). The keys in ``keys/`` are fixed test keys; they protect
-nothing. Usage: ``python tests/vectors/generate.py [CASE ...]`` from the
-repository root; with case names, only those are written (every build draws a
-fresh ephemeral key, so regenerating all of them rewrites every zip).
+nothing (git keeps them 0644; ``chmod 600 tests/vectors/keys/*/*.key`` before a
+run). Usage, from the repository root:
+``PYTHONPATH=. python tests/vectors/generate.py [case ...]``; with case names,
+only those cases are rewritten (the others keep their bytes: sealing draws a
+fresh ephemeral key and IV each run).
 """
 
 import hashlib
@@ -17,11 +19,12 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from bridge.jmix import load_key_dir, load_signing_key
-from bridge.jmix._aead import Sealer
+from bridge.jmix._aead import IV_BYTES, Sealer, derive_key
 from bridge.jmix._assertion import make_assertion, make_jws, required_fields
 from bridge.jmix._codec import b64encode, dump_json, hash_text
 from bridge.jmix._payload import JS, RS, SPEC, ClearHash, Dialect
@@ -32,7 +35,8 @@ KEYS = HERE / "keys"
 ID = "4c2f1d6e-8a3b-4e5f-9a7c-1b2d3e4f5a6b"
 STAMP = "2026-01-15T09:30:00Z"
 SOP = "1.2.826.0.1.3680043.8.498.1.1"
-ONLY: set[str] = set()
+ONLY: frozenset[str] = frozenset()
+"""The cases to write; empty for all of them."""
 
 
 def _dicom() -> bytes:
@@ -91,6 +95,31 @@ def _tar(entries: list[tuple], dialect: Dialect) -> bytes:
     return buf.getvalue()
 
 
+class ZeroSecretSealer:
+    """Encrypt as a sender would whose ephemeral key is the low-order ``point``.
+
+    X25519 with a low-order point yields the all-zero secret whatever the other
+    key (RFC 7748 section 6.1), so the payload key is HKDF of 32 zero bytes: an
+    envelope anyone can make and open. Only the reader's explicit refusal of
+    that secret stands between it and the destination.
+    """
+
+    def __init__(self, point: bytes, info: bytes):
+        self.point = point
+        self.iv = bytes(range(IV_BYTES))
+        key = derive_key(bytes(32), info)
+        self._enc = Cipher(algorithms.AES(key), modes.GCM(self.iv)).encryptor()
+
+    def update(self, data: bytes) -> bytes:
+        """Return the ciphertext of ``data``."""
+        return self._enc.update(data)
+
+    def finish(self) -> bytes:
+        """Finish the stream and return the tag."""
+        self._enc.finalize()
+        return self._enc.tag
+
+
 def _files(docs: dict[str, bytes], dialect: Dialect) -> list[tuple]:
     return [(dialect.tar_prefix + k, v) for k, v in sorted(docs.items())]
 
@@ -110,8 +139,13 @@ def build(
     expires_at: str | None = None,
     root: str = ID + "/",
     zip_extra: list[tuple[str, bytes]] = (),
+    low_order: bytes | None = None,
 ) -> None:
-    """Write one vector: build the payload, seal, sign, zip, then describe it."""
+    """Write one vector: build the payload, seal, sign, zip, then describe it.
+
+    ``low_order`` seals with that point as the ephemeral key, under the key
+    derived from the all-zero secret it forces.
+    """
     if ONLY and case not in ONLY:
         return
     docs = _documents(_dicom())
@@ -121,7 +155,12 @@ def build(
     if encrypt:
         plain = _tar(entries if entries is not None else _files(docs, dialect), dialect)
         recipient_key = load_key_dir(KEYS / recipient).encryption_key.public_key()
-        sealer = Sealer(recipient_key, dialect.info)
+        if low_order is None:
+            sealer = Sealer(recipient_key, dialect.info)
+            ephemeral = raw_public(sealer.ephemeral_public)
+        else:
+            sealer = ZeroSecretSealer(low_order, dialect.info)
+            ephemeral = low_order
         cipher = sealer.update(plain)
         tag = sealer.finish()
         if dialect is JS:
@@ -138,7 +177,7 @@ def build(
         security["payload_hash"] = hash_text(digest)
         security["encryption"] = {
             "algorithm": "AES-256-GCM",
-            "ephemeral_public_key": b64encode(raw_public(sealer.ephemeral_public)),
+            "ephemeral_public_key": b64encode(ephemeral),
             "iv": b64encode(sealer.iv),
             "auth_tag": b64encode(tag),
         }
@@ -318,10 +357,11 @@ def main() -> None:
     )
     build(
         "refuse-low-order-ephemeral-key",
-        fails("AuthenticationFailed", "all-zero ephemeral key: zero shared secret"),
-        tweak=lambda m: m["security"]["encryption"].__setitem__(
-            "ephemeral_public_key", b64encode(bytes(32))
+        fails(
+            "AuthenticationFailed",
+            "all-zero ephemeral key, payload sealed under the zero shared secret",
         ),
+        low_order=bytes(32),
     )
     build(
         "refuse-unknown-signer",
@@ -421,5 +461,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    ONLY.update(sys.argv[1:])
+    ONLY = frozenset(sys.argv[1:])
     main()
