@@ -9,13 +9,17 @@ protect nothing. :func:`run_open` opens one and reports what escaped.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import hashlib
 import io
 import os
+import sys
 import tarfile
+import threading
 import zipfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -170,6 +174,107 @@ def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
+# Audit events (PEP 578) that create, change or remove a file, with the
+# positions of each path argument and of the directory descriptor it is
+# relative to (shutil.rmtree works through descriptors). "open" is handled
+# apart: it writes only with a write mode or write flags.
+_CHANGING = {
+    "os.mkdir": ((0, 2),),
+    "os.remove": ((0, 1),),
+    "os.rmdir": ((0, 1),),
+    "os.rename": ((0, 2), (1, 3)),
+    "os.replace": ((0, 2), (1, 3)),
+    "os.link": ((1, 3),),
+    "os.symlink": ((1, 2),),
+    "os.truncate": ((0, None),),
+    "os.chmod": ((0, 2),),
+    "os.utime": ((0, 2),),
+    "shutil.rmtree": ((0, 1),),
+}
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+@dataclass
+class _Watch:
+    """Writes seen during one call, from the threads that did not exist before it."""
+
+    dest: str
+    thread: int
+    before: frozenset[int]
+    outside: list[str] = field(default_factory=list)
+
+    def allowed(self, path: str) -> bool:
+        """Whether ``path`` is ``dest``, below it, or in the opener's partial folder."""
+        parent, name = os.path.split(self.dest)
+        rel = os.path.relpath(path, parent)
+        first = rel.split(os.sep)[0]
+        return first == name or fnmatch.fnmatchcase(first, f".{name}.*.partial")
+
+
+_WATCH: _Watch | None = None
+_IN_HOOK = threading.local()
+
+
+def _written_paths(event: str, args: tuple) -> list[str]:
+    """Return the absolute paths that ``event`` changes (none for a read)."""
+    if event == "open":
+        path, mode, flags = args
+        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+            isinstance(flags, int) and flags & _WRITE_FLAGS
+        )
+        # An int is an open descriptor: its creation was seen.
+        return [os.fsdecode(path)] if writes and not isinstance(path, int) else []
+    found = []
+    for at, fd_at in _CHANGING.get(event, ()):
+        path = os.fsdecode(args[at])
+        fd = args[fd_at] if fd_at is not None else None
+        if isinstance(fd, int) and fd >= 0 and not os.path.isabs(path):
+            path = os.path.join(os.readlink(f"/proc/self/fd/{fd}"), path)
+        found.append(path)
+    return found
+
+
+def _hook(event: str, args: tuple) -> None:
+    watch = _WATCH
+    if watch is None or getattr(_IN_HOOK, "on", False):
+        return
+    ident = threading.get_ident()
+    if ident != watch.thread and ident in watch.before:
+        return
+    _IN_HOOK.on = True
+    try:
+        for path in _written_paths(event, args):
+            full = os.path.realpath(path)
+            if not watch.allowed(full):
+                watch.outside.append(f"{event} {full}")
+    finally:
+        _IN_HOOK.on = False
+
+
+sys.addaudithook(_hook)
+
+
+@contextlib.contextmanager
+def writes_outside(dest: Path) -> Iterator[list[str]]:
+    """Record every file created, written, moved or removed outside ``dest``.
+
+    Yields the list it fills: one ``"<audit event> <path>"`` per change seen
+    in the calling thread or in any thread started during the block. The
+    opener's own ``.<dest>.*.partial`` sibling folder counts as ``dest``.
+    Not reentrant.
+    """
+    global _WATCH
+    before = frozenset(t.ident for t in threading.enumerate() if t.ident is not None)
+    watch = _Watch(
+        os.path.realpath(dest), threading.get_ident(), before - {threading.get_ident()}
+    )
+    _WATCH = watch
+    try:
+        yield watch.outside
+    finally:
+        _WATCH = None
+
+
 def run_open(
     src: Path,
     work: Path,
@@ -179,25 +284,27 @@ def run_open(
     """Open ``src`` into ``work/dest``; return the refusal, None when it opened.
 
     Raises :class:`Escaped` when anything but an EnvelopeError leaves the reader,
-    or when it wrote outside ``work/dest`` or left anything there after refusing.
-    ``work`` must hold nothing else.
+    when it created, wrote, moved or removed any file outside ``work/dest``
+    (anywhere on the file system, seen through audit hooks), or when it left
+    anything in ``work`` after refusing.
     """
     before = listing(work)
     dest = work / "dest"
-    try:
-        opener(src, dest, encryption_key=RECEIVER_KEY, trust=TRUST, policy=policy)
-    except EnvelopeError as exc:
-        if listing(work) != before:
-            raise Escaped(f"refused, but left {listing(work)}") from exc
-        return exc
-    except Exception as exc:
-        raise Escaped(f"{type(exc).__name__}: {exc!s:.300}") from exc
+    refused: EnvelopeError | None = None
+    with writes_outside(dest) as outside:
+        try:
+            opener(src, dest, encryption_key=RECEIVER_KEY, trust=TRUST, policy=policy)
+        except EnvelopeError as exc:
+            refused = exc
+        except Exception as exc:
+            raise Escaped(f"{type(exc).__name__}: {exc!s:.300}") from exc
 
-    outside = [
-        p for p in listing(work) if p not in before and p.split(os.sep)[0] != "dest"
-    ]
     if outside:
-        raise Escaped(f"opened, but wrote outside dest: {outside}")
+        raise Escaped(f"wrote outside dest: {outside[:5]}")
+    if refused is not None:
+        if listing(work) != before:
+            raise Escaped(f"refused, but left {listing(work)}") from refused
+        return refused
     for path in dest.rglob("*"):
         if path.is_symlink() or not (path.is_file() or path.is_dir()):
             raise Escaped(f"opened, but wrote a non-regular file: {path}")

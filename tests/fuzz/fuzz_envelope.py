@@ -1,4 +1,4 @@
-"""A coverage-guided fuzzer (atheris) for the envelope reader; not run by pytest.
+"""A coverage-guided fuzzer (atheris) for the envelope reader.
 
 Run from the repository root, for as long as you like::
 
@@ -10,7 +10,8 @@ sealed and signed into a valid envelope, a JSON document read as each of the
 four envelope documents, or a tar fed straight to the streaming parser. Any
 exception other than an EnvelopeError, a write outside the destination folder
 or a file left behind after a refusal is a finding: atheris stops and writes
-the input as ``crash-<sha1>``.
+the input as ``crash-<sha1>``. Pytest feeds the seed corpus to
+:func:`test_one_input` without atheris (``tests/test_hostile_harness.py``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,19 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import atheris
+try:
+    import atheris
+except ImportError:  # pytest runs the harness without it
+    atheris = None
 
-with atheris.instrument_imports(include=["bridge", "zipfile", "tarfile"]):
+# Coverage instrumentation only when run as the fuzzer: pytest has imported
+# these modules already, and needs no instrumented copies.
+if atheris is not None and __name__ == "__main__":
+    _instrumented = atheris.instrument_imports(include=["bridge", "zipfile", "tarfile"])
+else:
+    _instrumented = contextlib.nullcontext()
+
+with _instrumented:
     from bridge.errors import EnvelopeError
     from bridge.jmix._codec import load_json
     from bridge.jmix._payload import parse_files
@@ -44,16 +55,23 @@ with atheris.instrument_imports(include=["bridge", "zipfile", "tarfile"]):
     )
 
 ZIP, SEALED_TAR, JSON, TAR = range(4)
-WORK = Path(tempfile.mkdtemp(prefix="jmix-fuzz-"))
+WORK: Path | None = None
+"""The folder each case opens in; made on first use, removed by :func:`main`."""
 
 
-def _open_zip(data: bytes) -> None:
-    src = WORK / "in.zip"
-    src.write_bytes(data)
+def _work() -> Path:
+    global WORK
+    if WORK is None:
+        WORK = Path(tempfile.mkdtemp(prefix="jmix-fuzz-"))
+    return WORK
+
+
+def _open_zip(src: Path) -> None:
+    work = src.parent
     try:
-        run_open(src, WORK)
+        run_open(src, work)
     finally:
-        shutil.rmtree(WORK / "dest", ignore_errors=True)
+        shutil.rmtree(work / "dest", ignore_errors=True)
         src.unlink()
 
 
@@ -96,14 +114,11 @@ def test_one_input(data: bytes) -> None:
         return
     target, body = data[0] % 4, data[1:]
     if target == ZIP:
-        _open_zip(body)
+        src = _work() / "in.zip"
+        src.write_bytes(body)
+        _open_zip(src)
     elif target == SEALED_TAR:
-        src = write_zip(WORK / "in.zip", as_entries(sealed_entries(body)))
-        try:
-            run_open(src, WORK)
-        finally:
-            shutil.rmtree(WORK / "dest", ignore_errors=True)
-            src.unlink()
+        _open_zip(write_zip(_work() / "in.zip", as_entries(sealed_entries(body))))
     elif target == JSON:
         _json(body)
     else:
@@ -133,11 +148,13 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--make-corpus":
         make_corpus(Path(sys.argv[2]))
         return
+    if atheris is None:
+        sys.exit("fuzz_envelope: atheris is not installed (pip install atheris)")
     atheris.Setup(sys.argv, test_one_input)
     try:
         atheris.Fuzz()
     finally:
-        shutil.rmtree(WORK, ignore_errors=True)
+        shutil.rmtree(_work(), ignore_errors=True)
 
 
 if __name__ == "__main__":
