@@ -16,12 +16,24 @@ import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
+import pydicom
+
 from bridge import jmix
 from bridge.jmix.attestation import make_attestation
 from bridge.jmix.audit import read_audit, stored_audit_path, verify_audit
 from bridge.jmix.request import make_request
 from tests.support.net import wait_until
-from tests.support.sites import Pacs, Sites, dead_jobs, end_state, send, study_of
+from tests.support.sites import (
+    TOKEN,
+    Pacs,
+    Sites,
+    dead_jobs,
+    end_state,
+    send,
+    study_of,
+)
+from tests.support.studies import FAKE_PATIENT
 
 REFERENCE = "directory://org/site-a#key-ed25519"
 PROVIDER = "test-directory"
@@ -141,6 +153,44 @@ def test_every_element_is_verified_and_the_audit_grows_at_each_hop(tmp_path):
     finally:
         sites.stop()
         pacs.stop()
+
+
+def test_audit_entries_carry_no_patient_data_nor_uids(tmp_path):
+    pacs = Pacs(tmp_path / "pacs")
+    sites = _governed_sites(tmp_path, pacs, with_request=True)
+    study = study_of(tmp_path / "study", 2)
+    try:
+        sites.start_b()
+        sites.start_a()
+        assert send(sites, study).returncode == 0
+        assert end_state(sites, pacs, study) == 0
+        (envelope,) = _inbound(sites)
+        stored = stored_audit_path(sites.spool("b") / envelope["path"])
+        wait_until(lambda: "forwarded" in _events(stored), 30, "the forwarded entry")
+
+        answer = httpx.get(
+            f"http://127.0.0.1:{sites.b_http}/api/jmix/{envelope['id']}/audit",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=10,
+        )
+        assert answer.status_code == 200
+        assert len(answer.json()["audit"]) == 5
+        for text in (stored.read_text(), answer.text):
+            leaked = [value for value in _identifying(study) if value in text]
+            assert leaked == [], leaked
+    finally:
+        sites.stop()
+        pacs.stop()
+
+
+def _identifying(study: dict[str, Path]) -> set[str]:
+    """The patient's name (whole and in parts), id and every UID of ``study``."""
+    found = {FAKE_PATIENT, *FAKE_PATIENT.split("^")}
+    for path in study.values():
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        found |= {str(ds.PatientName), ds.PatientID, ds.StudyInstanceUID}
+        found |= {ds.SeriesInstanceUID, ds.SOPInstanceUID}
+    return found
 
 
 def test_an_envelope_without_the_required_request_is_refused_and_parked(tmp_path):
