@@ -152,6 +152,8 @@ class HttpSettings:
     port: int = 8080
     tls: TLSFiles | None = None
     max_body_bytes: Size = Size(20 * 2**30)
+    body_idle_seconds: float = 30.0
+    max_connections_per_client: int = 16
     admin_token: Secret = _secret_field()
 
 

@@ -60,6 +60,16 @@ def cross_check(config: Config, *, check_files: bool = True) -> list[str]:
             "dicom.max_associations: expected at least 1, got "
             f"{config.dicom.max_associations}"
         )
+    if not config.http.body_idle_seconds > 0:
+        problems.append(
+            "http.body_idle_seconds: expected a number of seconds above 0, got "
+            f"{config.http.body_idle_seconds}"
+        )
+    if config.http.max_connections_per_client < 1:
+        problems.append(
+            "http.max_connections_per_client: expected at least 1, got "
+            f"{config.http.max_connections_per_client}"
+        )
     if not 0 <= config.spool.min_free_ratio < 1:
         problems.append(
             "spool.min_free_ratio: expected a number from 0 to 1, got "

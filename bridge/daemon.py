@@ -600,6 +600,8 @@ class Bridge:
             client_ca=tls.ca if tls else None,
             require_client_cert=tls.require_client_cert if tls else False,
             max_body_bytes=http.max_body_bytes,
+            body_idle_seconds=http.body_idle_seconds,
+            max_connections_per_client=http.max_connections_per_client,
         )
         senders = [inbound_sender(s) for s in cfg.senders]
         intake = Intake(

@@ -12,6 +12,7 @@ import base64
 import json
 import re
 import socket
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from tests.fuzz.envelopes import (
     sealed_entries,
     write_zip,
 )
+from tests.support.net import wait_until
 from tests.support.peer_env import (
     CT_SMALL,
     SITE_A,
@@ -404,19 +406,33 @@ def test_envelope_signed_by_a_pinned_key_for_another_recipient_is_refused_by_the
 # -- slow-loris ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def api(tmp_path):
+def _serve(tmp_path: Path, header_seconds: float, **settings) -> PeerServer:
     store = SQLiteStore(tmp_path / "state.sqlite")
     sender = InboundSender(name="site-a", token="token-a", trust="transport")
-    settings = ServerSettings(port=0)
+    server_settings = ServerSettings(port=0, **settings)
     intake = Intake(store, Spool(tmp_path / "spool"), [sender])
     server = PeerServer(
-        create_app(settings, [sender], intake), settings, 0.2, header_seconds=1.0
+        create_app(server_settings, [sender], intake),
+        server_settings,
+        0.2,
+        header_seconds=header_seconds,
     )
     server.start()
+    return server
+
+
+@pytest.fixture
+def api(tmp_path):
+    server = _serve(tmp_path, 1.0, body_idle_seconds=2.0)
     yield server
     server.stop()
-    store.close()
+
+
+@pytest.fixture
+def capped_api(tmp_path):
+    server = _serve(tmp_path, 30.0, max_connections_per_client=2)
+    yield server
+    server.stop()
 
 
 def test_slow_loris_client_is_dropped_while_others_are_served(api):
@@ -469,6 +485,78 @@ def test_upload_longer_than_the_header_timeout_is_not_cut(api, tmp_path):
 
     assert answer.startswith("HTTP/1.1 400")
     assert "malformed envelope" in answer
+
+
+def test_upload_that_stalls_after_its_headers_is_dropped_and_stores_nothing(
+    api, tmp_path
+):
+    with socket.create_connection(("127.0.0.1", api.port), timeout=20) as sock:
+        head = (
+            "POST /api/jmix HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer token-a\r\n"
+            "Content-Type: application/zip\r\nContent-Length: 1000\r\n\r\n"
+        )
+        sock.sendall(head.encode() + b"PK\x03\x04")
+        answer = sock.recv(65536).decode("latin-1")
+        closed = sock.recv(65536)
+
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert closed == b""
+    assert [p for p in (tmp_path / "spool").rglob("*") if p.is_file()] == []
+    with sqlite3.connect(tmp_path / "state.sqlite") as conn:
+        assert conn.execute("SELECT count(*) FROM envelopes").fetchone() == (0,)
+
+
+def _held(port: int) -> socket.socket:
+    """Open a keep-alive connection and prove it is served, then leave it open."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(
+        b"GET /api/jmix?studyInstanceUid=1 HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer token-a\r\n\r\n"
+    )
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    return sock
+
+
+def _closed_on_arrival(port: int) -> bool:
+    """Whether a new connection from 127.0.0.1 is closed without an answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            sock.sendall(b"GET /api/jmix HTTP/1.1\r\nHost: x\r\n\r\n")
+            return sock.recv(65536) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+
+
+def test_client_over_its_connection_cap_is_closed_while_another_gets_through(
+    capped_api,
+):
+    held = [_held(capped_api.port) for _ in range(2)]
+    try:
+        refused = _closed_on_arrival(capped_api.port)
+        other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+        with other:
+            answer = other.get(
+                f"http://127.0.0.1:{capped_api.port}/api/jmix?studyInstanceUid=1",
+                headers={"Authorization": "Bearer token-a"},
+                timeout=10,
+            )
+    finally:
+        for sock in held:
+            sock.close()
+
+    assert refused
+    assert answer.status_code == 200
+
+
+def test_connection_cap_admits_the_client_again_once_one_closes(capped_api):
+    held = [_held(capped_api.port) for _ in range(2)]
+    try:
+        assert _closed_on_arrival(capped_api.port)
+        held.pop().close()
+        wait_until(lambda: not _closed_on_arrival(capped_api.port), 10, "a freed slot")
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_every_catalogue_case_is_in_the_document():

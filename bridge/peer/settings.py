@@ -88,7 +88,10 @@ class ServerSettings:
     certificates that may issue client certificates (for self-signed client
     certificates, the certificates themselves); with it set a client may present
     a certificate, and with ``require_client_cert`` it must. ``port`` 0 picks a
-    free port. ``max_body_bytes`` bounds one upload.
+    free port. ``max_body_bytes`` bounds one upload. An upload that sends no
+    byte for ``body_idle_seconds`` is cut (and stores nothing); a client
+    address may hold ``max_connections_per_client`` connections at once, and
+    further ones are closed as they open.
     """
 
     host: str = "127.0.0.1"
@@ -98,3 +101,5 @@ class ServerSettings:
     client_ca: Path | None = None
     require_client_cert: bool = False
     max_body_bytes: int = 20 << 30
+    body_idle_seconds: float = 30.0
+    max_connections_per_client: int = 16
