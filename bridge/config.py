@@ -175,6 +175,19 @@ class RouteSettings:
 
 
 @dataclass(frozen=True)
+class StudyRequestSettings:
+    """A signed request for one study, matched by StudyInstanceUID or AccessionNumber.
+
+    Exactly one of the two is set. Its requester goes into the envelopes of
+    that study for the peer the request names, in preference to the route's.
+    """
+
+    request: Path  # a signed request file (``jmix-bridge request``)
+    study_instance_uid: str = ""
+    accession_number: str = ""
+
+
+@dataclass(frozen=True)
 class EntitySettings:
     """The JMIX entity of a remote site, as written in manifests."""
 
@@ -290,6 +303,7 @@ class Config:
     dicom: DicomSettings = field(default_factory=DicomSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     routes: tuple[RouteSettings, ...] = ()
+    study_requests: tuple[StudyRequestSettings, ...] = ()
     peers: tuple[PeerSettings, ...] = ()
     senders: tuple[SenderSettings, ...] = ()
     destinations: tuple[DestinationSettings, ...] = ()

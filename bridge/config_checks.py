@@ -14,6 +14,7 @@ import json
 import os
 import re
 import urllib.parse
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -358,6 +359,13 @@ def _check_pins(config: Config, problems: list[str]) -> None:
     for section in ("directory_keys", "audit_node_keys"):
         for j, pin in _items(getattr(config.receiving, section)):
             _check_pin_id(f"receiving.{section}[{j}]", pin.id, problems)
+    for i, rule in _items(config.study_requests):
+        given = sum(1 for v in (rule.study_instance_uid, rule.accession_number) if v)
+        if given != 1:
+            problems.append(
+                f"study_requests[{i}]: expected exactly one of study_instance_uid "
+                f"and accession_number, got {given}"
+            )
 
 
 def _check_governance_files(config: Config, problems: list[str]) -> None:
@@ -387,7 +395,20 @@ def _check_governance_files(config: Config, problems: list[str]) -> None:
     peers = {p.name: p for _, p in _items(config.peers)}
     for i, route in _items(config.routes):
         if route.requester is not None:
-            _check_request(f"routes[{i}].requester", route, peers, problems)
+            _check_request(
+                f"routes[{i}].requester", route.requester, route.peers, peers, problems
+            )
+    for i, rule in _items(config.study_requests):
+        # The study may take any route: the request must name one of our peers.
+        ids = {p.entity.id for p in peers.values()}
+        request = _check_request(
+            f"study_requests[{i}].request", rule.request, (), peers, problems
+        )
+        if request is not None and request.receiver_id not in ids:
+            problems.append(
+                f"study_requests[{i}].request: the request is for delivery to "
+                f"{request.receiver_id!r}, which is no configured peer's entity id"
+            )
     if config.node.directory_attestation is not None:
         _check_attestation(config, problems)
 
@@ -474,24 +495,30 @@ def _check_sender_pins(i: int, sender, problems: list[str]) -> None:
             )
 
 
-def _check_request(where: str, route, peers: dict, problems: list[str]) -> None:
-    """A route's request file must verify and be made for its peers."""
+def _check_request(
+    where: str, path: Path, names: Iterable[str], peers: dict, problems: list[str]
+):
+    """A request file must verify and be made for each of the peers ``names``.
+
+    Returns the request, or None (with a problem) when it cannot be read.
+    """
     before = len(problems)
-    _check_file(where, route.requester, problems)
+    _check_file(where, path, problems)
     if len(problems) > before:
-        return
+        return None
     try:
-        request = read_request(route.requester)
+        request = read_request(path)
     except (BridgeError, OSError) as exc:
-        problems.append(f"{where}: {route.requester}: {exc}")
-        return
-    for name in route.peers:
+        problems.append(f"{where}: {path}: {exc}")
+        return None
+    for name in names:
         peer = peers.get(name)
         if peer is not None and peer.entity.id != request.receiver_id:
             problems.append(
                 f"{where}: the request is for delivery to {request.receiver_id!r}, "
                 f"but peer {name!r} is {peer.entity.id!r}"
             )
+    return request
 
 
 def _check_attestation(config: Config, problems: list[str]) -> None:

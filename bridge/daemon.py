@@ -41,7 +41,12 @@ from bridge.dicom.listener import (
 from bridge.ingest.assembler import Assembler
 from bridge.ingest.ingest import Ingest, IngestSettings
 from bridge.ingest.routing import RouteRule, Unrouted
-from bridge.ingest.sealer import PeerEnvelopeSettings, Sealer, SenderGovernance
+from bridge.ingest.sealer import (
+    PeerEnvelopeSettings,
+    Sealer,
+    SenderGovernance,
+    StudyRequest,
+)
 from bridge.jmix import (
     Entity,
     KeyDir,
@@ -197,7 +202,7 @@ def sender_trust(
 
 
 def sender_governance(config: Config) -> SenderGovernance:
-    """Map this node's key reference, attestation and route requests for the sealer.
+    """Map this node's key reference, attestation, route and study requests.
 
     Raises OSError or a BridgeError when a file cannot be read; check-config
     has read each one before.
@@ -214,6 +219,12 @@ def sender_governance(config: Config) -> SenderGovernance:
             for r in config.routes
             if r.requester is not None
         },
+        study_requests=tuple(
+            StudyRequest(
+                read_request(r.request), r.study_instance_uid, r.accession_number
+            )
+            for r in config.study_requests
+        ),
     )
 
 

@@ -189,3 +189,44 @@ def test_requester_and_directory_pins_need_ids_and_loadable_keys(site):
     assert any(
         p.startswith("receiving.directory_keys[0].key: no such file") for p in problems
     )
+
+
+def _study_request(root, conf, receiver_id: str, **match) -> None:
+    """Add a study request file made by a clinic for ``receiver_id``."""
+    _route_request(root, conf, receiver_id)
+    conf["routes"][0].pop("requester")
+    conf["study_requests"] = [{"request": "request.json", **match}]
+
+
+def test_a_study_request_for_a_configured_peer_loads(site):
+    root, conf = site
+    _study_request(root, conf, "site-c", accession_number="ACC-1")
+
+    (rule,) = _loads(root, conf).study_requests
+
+    assert rule.accession_number == "ACC-1"
+    assert rule.request == root / "request.json"
+
+
+def test_a_study_request_made_for_no_configured_peer_is_refused(site):
+    root, conf = site
+    _study_request(root, conf, "site-z", study_instance_uid="1.2.3")
+
+    assert any(
+        p.startswith("study_requests[0].request: the request is for delivery to")
+        and "'site-z'" in p
+        for p in _problems(root, conf)
+    )
+
+
+@pytest.mark.parametrize(
+    "match", [{}, {"study_instance_uid": "1.2.3", "accession_number": "ACC-1"}]
+)
+def test_a_study_request_must_name_its_study_by_exactly_one_key(site, match):
+    root, conf = site
+    _study_request(root, conf, "site-c", **match)
+
+    assert any(
+        p.startswith("study_requests[0]: expected exactly one of study_instance_uid")
+        for p in _problems(root, conf)
+    )

@@ -8,6 +8,7 @@ wires site A to site B to Orthanc; the systemd unit passes systemd's verifier.
 """
 
 import dataclasses
+import json
 import re
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ import yaml
 from bridge.cli import build_parser
 from bridge.config import Config, env_name, load_config
 from bridge.errors import ConfigError
-from bridge.jmix import generate_key_dir
+from bridge.jmix import Entity, generate_key_dir, load_signing_key, make_request
 from tests.support.pki import CertificateAuthority
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +59,17 @@ def _make_files(config: Config, pki: Path) -> None:
         key_dirs |= {key.parent for key in sender.signing_keys}
     for folder in key_dirs:
         generate_key_dir(folder)
+    if config.study_requests:
+        signer = pki / "requester"
+        generate_key_dir(signer)
+        for rule in config.study_requests:
+            request = make_request(
+                load_signing_key(signer / "signing.key"),
+                Entity("org:example-requester", "Example requester", "r@example"),
+                config.peers[0].entity.id,
+            )
+            rule.request.parent.mkdir(parents=True, exist_ok=True)
+            rule.request.write_text(json.dumps(request.as_json()))
 
     sections = [config.dicom.tls, config.http.tls]
     sections += [p.tls for p in config.peers] + [d.tls for d in config.destinations]

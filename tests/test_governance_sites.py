@@ -60,14 +60,9 @@ def _governed_sites(root: Path, pacs: Pacs, *, with_request: bool) -> Sites:
     sites.a_conf["node"]["key_reference"] = REFERENCE
     sites.a_conf["node"]["directory_attestation"] = str(root / "attestation.json")
     if with_request:
-        request = make_request(
-            jmix.load_signing_key(requester / "signing.key"),
-            jmix.Entity(REQUESTER, "Referring clinic", "desk@clinic.test"),
-            "site-b",
-            valid_for=timedelta(days=1),
+        sites.a_conf["routes"][0]["requester"] = _request_file(
+            requester, REQUESTER, root / "request.json"
         )
-        (root / "request.json").write_text(json.dumps(request.as_json()))
-        sites.a_conf["routes"][0]["requester"] = str(root / "request.json")
 
     sender = sites.b_conf["senders"][0]
     sender["signing_key_fingerprints"] = [jmix.fingerprint(a_signing.public_key())]
@@ -85,6 +80,18 @@ def _governed_sites(root: Path, pacs: Pacs, *, with_request: bool) -> Sites:
         "directory_keys": [{"id": PROVIDER, "key": str(directory / "signing.pub")}]
     }
     return sites
+
+
+def _request_file(keys: Path, requester_id: str, path: Path) -> str:
+    """Write a request signed with ``keys`` by ``requester_id`` for site B."""
+    request = make_request(
+        jmix.load_signing_key(keys / "signing.key"),
+        jmix.Entity(requester_id, "Referring clinic", "desk@clinic.test"),
+        "site-b",
+        valid_for=timedelta(days=1),
+    )
+    path.write_text(json.dumps(request.as_json()))
+    return str(path)
 
 
 def _rows(db: Path, sql: str) -> list[dict]:
@@ -191,6 +198,62 @@ def _identifying(study: dict[str, Path]) -> set[str]:
         found |= {str(ds.PatientName), ds.PatientID, ds.StudyInstanceUID}
         found |= {ds.SeriesInstanceUID, ds.SOPInstanceUID}
     return found
+
+
+def test_a_study_request_wins_over_the_route_for_its_study_only(tmp_path):
+    pacs = Pacs(tmp_path / "pacs")
+    sites = _governed_sites(tmp_path, pacs, with_request=True)
+    by_uid, by_accession, other = (
+        study_of(tmp_path / name, 1) for name in ("by-uid", "by-accession", "other")
+    )
+    _set_accession(by_accession, "ACC-2026-0042")
+    rules = []
+    for name, match in (
+        ("org:asked-by-uid", {"study_instance_uid": _study_uid(by_uid)}),
+        ("org:asked-by-accession", {"accession_number": "ACC-2026-0042"}),
+    ):
+        keys = tmp_path / name.replace(":", "-")
+        jmix.generate_key_dir(keys)
+        request = _request_file(keys, name, keys / "request.json")
+        rules.append({"request": request, **match})
+        sites.b_conf["senders"][0]["requester_keys"].append(
+            {"id": name, "key": str(keys / "signing.pub")}
+        )
+    sites.a_conf["study_requests"] = rules
+    try:
+        sites.start_b()
+        sites.start_a()
+        assert send(sites, {**by_uid, **by_accession, **other}).returncode == 0
+        assert end_state(sites, pacs, {**by_uid, **by_accession, **other}) == 0
+
+        requesters = {}
+        for row in _rows(
+            sites.db("a"),
+            "SELECT id, study_uid FROM envelopes WHERE direction = 'out'",
+        ):
+            (inbound,) = [e for e in _inbound(sites) if e["id"] == row["id"]]
+            manifest = jmix.read_manifest(sites.spool("b") / inbound["path"])
+            requesters[row["study_uid"]] = manifest["requester"]["id"]
+        assert requesters == {
+            _study_uid(by_uid): "org:asked-by-uid",
+            _study_uid(by_accession): "org:asked-by-accession",
+            _study_uid(other): REQUESTER,
+        }
+    finally:
+        sites.stop()
+        pacs.stop()
+
+
+def _study_uid(study: dict[str, Path]) -> str:
+    path = next(iter(study.values()))
+    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def _set_accession(study: dict[str, Path], accession: str) -> None:
+    for path in study.values():
+        ds = pydicom.dcmread(path)
+        ds.AccessionNumber = accession
+        ds.save_as(path)
 
 
 def test_an_envelope_without_the_required_request_is_refused_and_parked(tmp_path):

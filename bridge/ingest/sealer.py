@@ -10,8 +10,9 @@ disagree on Patient ID, say) is held for an operator with the reason.
 
 The governance elements of :class:`SenderGovernance` go into every envelope:
 this node's ``key_reference`` and directory attestation in the sender
-assertion, and the signed request of the study's route, passed through as its
-requester (docs/governance.md).
+assertion, and a signed request passed through as its requester: the one
+configured for the study (by StudyInstanceUID or AccessionNumber) when it is
+made for the envelope's peer, else the study's route's (docs/governance.md).
 """
 
 from __future__ import annotations
@@ -22,15 +23,17 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import pydicom
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from pydicom.errors import InvalidDicomError
 
 from bridge.errors import UnpackableStudy
 from bridge.faults import test_only_crash_point
 from bridge.jmix import Entity, Request, pack
 from bridge.peer.deliver import deliver_job
 from bridge.spool import Spool
-from bridge.store import Envelope, Job, Store, StudyState
+from bridge.store import Envelope, Instance, Job, Store, Study, StudyState
 from bridge.workers.base import JobContext, Outcome
 
 logger = logging.getLogger(__name__)
@@ -53,16 +56,30 @@ class PeerEnvelopeSettings:
 
 
 @dataclass(frozen=True)
+class StudyRequest:
+    """A signed request for the study with this StudyInstanceUID or AccessionNumber.
+
+    One of the two is set (the configuration checks it).
+    """
+
+    request: Request
+    study_instance_uid: str = ""
+    accession_number: str = ""
+
+
+@dataclass(frozen=True)
 class SenderGovernance:
     """What the sealer adds to the envelopes it builds; empty adds nothing.
 
     ``requests`` maps a route's name to the signed request whose requester its
-    envelopes carry.
+    envelopes carry; ``study_requests`` name studies whose envelopes carry
+    another requester, and win over the route's (the first that matches).
     """
 
     key_reference: str | None = None
     attestation: dict | None = None
     requests: Mapping[str, Request] = field(default_factory=dict)
+    study_requests: tuple[StudyRequest, ...] = ()
 
 
 def envelope_id_for(job_key: str) -> str:
@@ -123,7 +140,7 @@ class Sealer:
                     dialect=peer.dialect,
                     envelope_id=env_id,
                     progress=_test_only_mid_pack,
-                    request=self.governance.requests.get(study.route),
+                    request=self._request_for(study, instances, peer),
                     key_reference=self.governance.key_reference,
                     attestation=self.governance.attestation,
                 )
@@ -166,6 +183,42 @@ class Sealer:
             size,
         )
         return Outcome.done(envelope=envelope, jobs=[deliver_job(env_id, peer_name)])
+
+    def _request_for(
+        self, study: Study, instances: list[Instance], peer: PeerEnvelopeSettings
+    ) -> Request | None:
+        """The request whose requester the envelope carries; see the module doc.
+
+        A study's request made for another receiver is left to the envelopes
+        for that receiver: a request names where its data may go.
+        """
+        accession: str | None = None
+        for rule in self.governance.study_requests:
+            if rule.request.receiver_id != peer.receiver.id:
+                continue
+            if rule.study_instance_uid:
+                if rule.study_instance_uid == study.study_instance_uid:
+                    return rule.request
+                continue
+            if accession is None:
+                accession = self._accession_number(instances)
+            if accession and rule.accession_number == accession:
+                return rule.request
+        return self.governance.requests.get(study.route)
+
+    def _accession_number(self, instances: list[Instance]) -> str:
+        """The AccessionNumber of the study's first instance ("" when it has none)."""
+        if not instances:
+            return ""
+        path = self.spool.path_of(instances[0].spool_path)
+        try:
+            ds = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=["AccessionNumber"]
+            )
+        except (OSError, InvalidDicomError):
+            # pack() reads the same file next and reports what is wrong with it.
+            return ""
+        return str(ds.get("AccessionNumber", "") or "").strip()
 
 
 def _test_only_mid_pack(done: int, total: int) -> None:
