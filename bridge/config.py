@@ -105,9 +105,14 @@ class NodeSettings:
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """The state store; ``url`` defaults to SQLite in the data folder."""
+    """The state store; ``url`` defaults to SQLite in the data folder.
+
+    ``busy_timeout_seconds`` is how long a SQLite write waits for another
+    connection's lock before it fails (and its work is retried).
+    """
 
     url: str = ""
+    busy_timeout_seconds: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,11 @@ def cross_check(config: Config, *, check_files: bool = True) -> list[str]:
             "dicom.max_associations: expected at least 1, got "
             f"{config.dicom.max_associations}"
         )
+    if config.store.busy_timeout_seconds < 0:
+        problems.append(
+            "store.busy_timeout_seconds: expected a number of seconds from 0, got "
+            f"{config.store.busy_timeout_seconds}"
+        )
     if not config.http.body_idle_seconds > 0:
         problems.append(
             "http.body_idle_seconds: expected a number of seconds above 0, got "

@@ -372,7 +372,7 @@ class Bridge:
         cfg = self.config
         cfg.node.data_dir.mkdir(parents=True, exist_ok=True)
         keys, self.keys_created = ensure_keys(cfg)
-        store = open_store(cfg.store_url)
+        store = open_store(cfg.store_url, busy_timeout=cfg.store.busy_timeout_seconds)
         if isinstance(store, SQLiteStore):
             # One process per SQLite file: every lease found now is a dead
             # process's, so its jobs are taken up again at once.

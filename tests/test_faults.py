@@ -231,3 +231,77 @@ def test_peer_fault_is_retried_until_the_study_arrives(fault, tmp_path):
     assert dead_jobs(sites) == 0
     assert proxy.faulted == PEER_FAULTS[fault]["faults"]
     assert log_a.count('event="job retry scheduled" queue=deliver') >= proxy.faulted
+
+
+# -- the state database under the workers -----------------------------------------
+
+
+class Locker:
+    """Takes ``BEGIN EXCLUSIVE`` on a database once for each job leased in it.
+
+    A job is leased while its handler runs; the lock, held ``hold`` seconds
+    (well beyond the site's ``busy_timeout``), then meets the worker when it
+    renews the lease or records the outcome, the writes that follow the
+    handler's effect. WAL lets this thread watch the jobs table meanwhile.
+    """
+
+    def __init__(self, db: Path, hold: float = 3.0):
+        self.db, self.hold = db, hold
+        self.stopped = threading.Event()
+        self.turns = 0
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.db, isolation_level=None, timeout=30)
+        met: set[int] = set()
+        try:
+            while not self.stopped.wait(0.005):
+                leased = {
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT id FROM jobs WHERE state = 'leased'"
+                    )
+                }
+                if not leased - met:
+                    continue
+                met |= leased
+                conn.execute("BEGIN EXCLUSIVE")
+                self.turns += 1
+                self.stopped.wait(self.hold)
+                conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        """Release the lock and end the thread."""
+        self.stopped.set()
+        self.thread.join(30)
+
+
+def test_workers_survive_a_state_database_locked_beyond_busy_timeout(tmp_path):
+    pacs = Pacs(tmp_path / "pacs")
+    sites = Sites(tmp_path / "sites", (pacs.ae_title, pacs.port))
+    for conf in (sites.a_conf, sites.b_conf):
+        conf["store"] = {"busy_timeout_seconds": 0.5}
+    study = study_of(tmp_path / "study", 10)
+    lockers = []
+    try:
+        sites.start_b()
+        sites.start_a()
+        assert send(sites, study).returncode == 0
+        # From here the study is acknowledged; seal, deliver, open and forward
+        # each meet a database locked six times longer than they wait for it.
+        lockers = [Locker(sites.db("a")), Locker(sites.db("b"))]
+        repeats = end_state(sites, pacs, study)
+        log_a, log_b = sites.a.log_text(), sites.b.log_text()
+    finally:
+        for locker in lockers:
+            locker.stop()
+        sites.stop()
+        pacs.stop()
+
+    assert repeats == 0
+    assert dead_jobs(sites) == 0
+    assert [locker.turns >= 2 for locker in lockers] == [True, True]
+    assert "database is locked" in log_a and "database is locked" in log_b

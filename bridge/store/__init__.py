@@ -46,19 +46,20 @@ __all__ = [
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
-def open_store(url: str | Path) -> Store:
+def open_store(url: str | Path, *, busy_timeout: float = 30.0) -> Store:
     """Open the store named by ``url``.
 
-    ``sqlite:///PATH`` or a plain file path opens SQLite;
+    ``sqlite:///PATH`` or a plain file path opens SQLite, whose writes wait
+    ``busy_timeout`` seconds for another connection's lock;
     ``postgresql://...`` (or ``postgres://...``), a libpq URL, opens PostgreSQL.
     Raises StoreError for any other scheme, when psycopg is not installed, or
     when the store cannot be opened.
     """
     text = str(url)
     if text.startswith("sqlite:///"):
-        return SQLiteStore(text.removeprefix("sqlite:///"))
+        return SQLiteStore(text.removeprefix("sqlite:///"), busy_timeout=busy_timeout)
     if "://" not in text:
-        return SQLiteStore(text)
+        return SQLiteStore(text, busy_timeout=busy_timeout)
     scheme = text.split("://", 1)[0]
     if scheme in POSTGRES_SCHEMES:
         return _open_postgres(text)

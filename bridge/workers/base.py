@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.errors import PermanentTransportError, RetryableTransportError
+from bridge.errors import PermanentTransportError, RetryableTransportError, StoreError
 from bridge.faults import test_only_crash_point
 from bridge.store.base import Envelope, Job, NewJob, Store
 from bridge.workers.policy import BreakerBoard, RetryPolicy
@@ -278,10 +278,7 @@ class Worker:
             breaker.started()
         with self._lock:
             self._in_flight[owner] = job.id
-        ctx = JobContext(
-            stopping=self.stopping,
-            renew=lambda: self.store.renew(job.id, owner, self.spec.lease_seconds),
-        )
+        ctx = JobContext(stopping=self.stopping, renew=lambda: self._renew(job, owner))
         started = time.monotonic()
         try:
             test_only_crash_point(f"{self.spec.queue}.before-handler")
@@ -296,7 +293,7 @@ class Worker:
             # the instances) but the job is not yet marked: the crash tests
             # stop here to prove the repeat that follows is harmless.
             test_only_crash_point(f"{self.spec.queue}.after-handler")
-            self._record(job, owner, outcome, breaker)
+            self._record_outcome(job, owner, outcome, breaker)
         finally:
             with self._lock:
                 self._in_flight.pop(owner, None)
@@ -325,7 +322,58 @@ class Worker:
                 f"internal error: {type(exc).__name__}: {exc}", target_failed=False
             )
 
-    def _record(self, job: Job, owner: str, outcome: Outcome, breaker) -> None:
+    def _renew(self, job: Job, owner: str) -> bool:
+        """Extend the job's lease; a store that fails now leaves it running.
+
+        The lease still has most of its time, and a handler should not lose
+        its work (an envelope packed, a study forwarded) to a locked database.
+        """
+        try:
+            return self.store.renew(job.id, owner, self.spec.lease_seconds)
+        except StoreError as exc:
+            logger.warning(
+                "job lease not renewed queue=%s job=%d error=%s",
+                self.spec.queue,
+                job.id,
+                exc,
+            )
+            return True
+
+    def _record_outcome(self, job: Job, owner: str, outcome: Outcome, breaker) -> None:
+        """Record ``outcome``, waiting out a store that fails, until stopped.
+
+        The handler's effect is out; were the job left leased, nothing would
+        take it up again before its lease ran out (300 s by default), and a
+        forward would then be repeated. So the record is tried again with
+        backoff (0.5 s doubling to 10 s) while the worker runs and the lease
+        lasts; after that the StoreError is raised and the lease runs out.
+        """
+        if breaker and outcome.kind != "done" and outcome.target_failed:
+            breaker.failed()
+        delay = 0.5
+        give_up = time.monotonic() + self.spec.lease_seconds
+        while True:
+            try:
+                self._record(job, owner, outcome)
+                break
+            except StoreError as exc:
+                if self.stopping.is_set() or time.monotonic() + delay > give_up:
+                    raise
+                logger.warning(
+                    "job outcome not recorded queue=%s job=%d outcome=%s "
+                    "delay_seconds=%.1f error=%s",
+                    self.spec.queue,
+                    job.id,
+                    outcome.kind,
+                    delay,
+                    exc,
+                )
+            self.stopping.wait(delay)
+            delay = min(delay * 2, 10.0)
+        if breaker and outcome.kind == "done":
+            breaker.succeeded()
+
+    def _record(self, job: Job, owner: str, outcome: Outcome) -> None:
         queue, target = self.spec.queue, job.target
         if outcome.kind == "done":
             kept = self.store.complete(
@@ -337,12 +385,8 @@ class Worker:
                 payload=outcome.payload,
                 seen=outcome.seen,
             )
-            if breaker:
-                breaker.succeeded()
             self._report(queue, target, "done" if kept else "lease-lost")
             return
-        if breaker and outcome.target_failed:
-            breaker.failed()
         attempts = job.attempts + 1
         retry = self.spec.retry_for(target)
         if outcome.kind == "retry" and not retry.exhausted(
