@@ -23,6 +23,8 @@ from bridge.spool import Spool
 from bridge.store import SQLiteStore
 from tests.support.compare import dataset_bytes
 from tests.support.dcmtk import echoscu, store_answers, storescu
+from tests.support.net import wait_until
+from tests.support.postgres import own_postgres_server as _own_postgres_server
 from tests.support.sites import (
     LinkProxy,
     Pacs,
@@ -35,6 +37,7 @@ from tests.support.sites import (
 from tests.support.studies import make_study
 
 ROUTE = RouteRule(name="all", peers=("peer-a",), quiet_seconds=3600)
+own_postgres_server = _own_postgres_server  # a fixture of this module
 
 
 class Ingress:
@@ -305,3 +308,153 @@ def test_workers_survive_a_state_database_locked_beyond_busy_timeout(tmp_path):
     assert dead_jobs(sites) == 0
     assert [locker.turns >= 2 for locker in lockers] == [True, True]
     assert "database is locked" in log_a and "database is locked" in log_b
+
+
+# -- a PostgreSQL store that goes away ------------------------------------------------
+
+
+def _pg_one(url: str, sql: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        return conn.execute(sql).fetchone()[0]
+
+
+def _pg_leased(url: str) -> set[int]:
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=5) as conn:
+        rows = conn.execute("SELECT id FROM jobs WHERE state = 'leased'")
+        return {row[0] for row in rows}
+
+
+def _pg_sites(tmp_path: Path, server) -> tuple[Sites, Pacs, dict[str, str]]:
+    pacs = Pacs(tmp_path / "pacs")
+    sites = Sites(tmp_path / "sites", (pacs.ae_title, pacs.port))
+    urls = {"a": server.new_database(), "b": server.new_database()}
+    sites.a_conf["store"] = {"url": urls["a"]}
+    sites.b_conf["store"] = {"url": urls["b"]}
+    return sites, pacs, urls
+
+
+def _pg_settled(urls: dict[str, str]) -> bool:
+    """No job ready or leased at either site, and B has forwarded."""
+    try:
+        open_jobs = sum(
+            _pg_one(url, "SELECT count(*) FROM jobs WHERE state IN ('ready', 'leased')")
+            for url in urls.values()
+        )
+        forwarded = _pg_one(
+            urls["b"],
+            "SELECT count(*) FROM jobs WHERE queue = 'forward' AND state = 'done'",
+        )
+    except Exception:  # the server is restarting: not settled yet
+        return False
+    return open_jobs == 0 and forwarded > 0
+
+
+def _pg_end_state(urls: dict[str, str], pacs: Pacs, study: dict[str, Path]) -> int:
+    """As ``end_state``, for sites on PostgreSQL; return the repeats."""
+    wait_until(lambda: _pg_settled(urls), 90, "both sites to settle")
+    received = pacs.received()
+    received.pop("", None)
+    assert set(received) == set(study), "instances missing at the PACS"
+    for uid, copies in received.items():
+        for copy in copies:
+            assert dataset_bytes(copy) == dataset_bytes(study[uid])
+    return sum(len(copies) - 1 for copies in received.values())
+
+
+def _pg_dead_jobs(urls: dict[str, str]) -> int:
+    return sum(
+        _pg_one(url, "SELECT count(*) FROM jobs WHERE state = 'dead'")
+        for url in urls.values()
+    )
+
+
+class Outage:
+    """Stops the PostgreSQL server for ``down`` seconds once per job leased.
+
+    A job is leased while its handler runs, so each stage loses the server
+    (its connections are ended) while it works or records what it did.
+    """
+
+    def __init__(self, server, urls: list[str], down: float = 2.0):
+        self.server, self.urls, self.down = server, urls, down
+        self.stopped = threading.Event()
+        self.outages = 0
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        met: set[tuple[int, int]] = set()
+        while not self.stopped.wait(0.01):
+            leased = {
+                (number, job)
+                for number, url in enumerate(self.urls)
+                for job in _pg_leased(url)
+            }
+            if not leased - met:
+                continue
+            met |= leased
+            self.server.stop_server()
+            self.outages += 1
+            self.stopped.wait(self.down)
+            self.server.start_server()
+
+    def stop(self) -> None:
+        """End the thread, leaving the server running."""
+        self.stopped.set()
+        self.thread.join(60)
+
+
+def test_postgres_outages_while_a_study_flows_lose_nothing(
+    own_postgres_server, tmp_path
+):
+    server = own_postgres_server
+    sites, pacs, urls = _pg_sites(tmp_path, server)
+    study = study_of(tmp_path / "study", 10)
+    outage = None
+    try:
+        sites.start_b()
+        sites.start_a()
+        assert send(sites, study).returncode == 0
+        outage = Outage(server, [urls["a"], urls["b"]])
+        repeats = _pg_end_state(urls, pacs, study)
+        outage.stop()
+        dead = _pg_dead_jobs(urls)
+    finally:
+        if outage is not None:
+            outage.stop()
+        sites.stop()
+        pacs.stop()
+
+    assert outage.outages >= 4  # seal, deliver, open, forward at least
+    assert dead == 0
+    assert repeats == 0
+
+
+def test_instances_arriving_while_postgres_is_down_are_refused_not_acknowledged(
+    own_postgres_server, tmp_path
+):
+    server = own_postgres_server
+    sites, pacs, urls = _pg_sites(tmp_path, server)
+    study = study_of(tmp_path / "study", 5)
+    try:
+        sites.start_b()
+        sites.start_a()
+        server.stop_server()
+        while_down = send_verbose(sites.a_dicom, list(study.values()))
+        server.start_server()
+        again = send_verbose(sites.a_dicom, list(study.values()))
+        repeats = _pg_end_state(urls, pacs, study)
+    finally:
+        sites.stop()
+        pacs.stop()
+
+    # storescu ends the association at the first refusal; what matters is
+    # that nothing was acknowledged while the store could record nothing.
+    assert while_down
+    assert all("OutOfResources" in answer for answer in while_down.values())
+    assert list(again.values()) == ["success"] * len(study)
+    assert repeats == 0

@@ -63,6 +63,11 @@ class PostgresServer:
             "--encoding=UTF8",
             "--no-sync",
         )
+        self.start_server()
+        self._names = count(1)
+
+    def start_server(self) -> None:
+        """Start the server on its data folder and port; return once it accepts."""
         self._run(
             "pg_ctl",
             "start",
@@ -75,7 +80,10 @@ class PostgresServer:
             f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
         )
-        self._names = count(1)
+
+    def stop_server(self) -> None:
+        """Stop the server (its clients' connections end), keeping its data."""
+        self._run("pg_ctl", "stop", "-m", "fast", "-w", "-D", str(self.data))
 
     def _run(self, tool: str, *args: str) -> None:
         result = subprocess.run(
@@ -128,13 +136,8 @@ class PostgresServer:
 _running: list[PostgresServer] = []
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """A PostgreSQL server for the whole test run; skips when it cannot run.
-
-    Import it into a test module (``from tests.support.postgres import
-    postgres_server``) to use it there.
-    """
+def _runnable_bin_folder() -> Path:
+    """Return the server's bin folder, or skip when a server cannot run here."""
     pytest.importorskip(
         "psycopg", reason="psycopg is not installed (pip install -e '.[postgres]')"
     )
@@ -146,8 +149,27 @@ def postgres_server() -> Iterator[PostgresServer]:
             pytest.skip(f"running as root and there is no {_SERVER_USER!r} user")
         if shutil.which("runuser") is None:
             pytest.skip("running as root without runuser to start PostgreSQL")
+    return bin_folder
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the whole test run; skips when it cannot run.
+
+    Import it into a test module (``from tests.support.postgres import
+    postgres_server``) to use it there.
+    """
+    bin_folder = _runnable_bin_folder()
     if not _running:
         _running.append(PostgresServer(bin_folder))
     yield _running[0]
     if _running:
         _running.pop().stop()
+
+
+@pytest.fixture
+def own_postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of one test's own, which it may stop and start."""
+    server = PostgresServer(_runnable_bin_folder())
+    yield server
+    server.stop()
