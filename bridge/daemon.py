@@ -384,6 +384,10 @@ class Bridge:
             if freed := store.expire_leases():
                 logger.info("leases of an earlier run ended jobs=%d", freed)
         parts = Parts(store, Spool(cfg.spool_dir), keys, Metrics(cfg))
+        # Alone on its store, nothing in the spool is in progress but ours: what
+        # a crash left half-written goes now. On a shared spool, only what is
+        # an hour old, so that another process's work is left alone.
+        parts.spool.sweep_interrupted(0 if isinstance(store, SQLiteStore) else 3600)
         parts.senders = {
             s.name: sender_trust(s, cfg.receiving, cfg.node.id) for s in cfg.senders
         }
@@ -590,6 +594,7 @@ class Bridge:
             max_pdu=dicom.max_pdu,
             tls=listener_tls(dicom.tls),
             commitment_callers=reporters,
+            sweep_incoming=False,  # done by start(), knowing who shares the spool
         )
         parts.listener = Listener(
             settings,

@@ -432,6 +432,38 @@ class Spool:
             logger.warning("partial instances removed from spool count=%d", removed)
         return removed
 
+    def sweep_interrupted(self, older_than_seconds: float = 3600.0) -> int:
+        """Remove what interrupted work left behind; return how many entries went.
+
+        That is partial data sets in ``incoming/``, everything in ``tmp/``, a
+        zip being written in ``outbox/`` (``.<id>.zip.<random>.tmp``) and a
+        payload being extracted in ``opened/`` (``.<id>.<random>.partial``):
+        names no record points to, which the work that made them redoes from
+        the start. Only entries older than ``older_than_seconds`` go, so that
+        work going on now (another process's, on a shared spool) is never
+        touched; 0 for a process that holds its store alone, at its start.
+        """
+        limit = time.time() - older_than_seconds
+        removed = 0
+        candidates = [
+            *self.incoming.iterdir(),
+            *(self.root / "tmp").iterdir(),
+            *(self.root / "outbox").glob(".*.tmp"),
+            *(self.root / "opened").glob(".*.partial"),
+        ]
+        for path in candidates:
+            with contextlib.suppress(OSError):
+                if path.lstat().st_mtime >= limit:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed += 1
+        if removed:
+            logger.warning("interrupted work removed from spool entries=%d", removed)
+        return removed
+
     # -- envelopes ----------------------------------------------------------------
 
     def envelope_path(self, folder: str, envelope_id: str) -> Path:

@@ -109,6 +109,8 @@ def test_crash_point_then_restart_delivers_every_instance(stage, sites, pacs, tm
         assert _outgoing_stage_seconds(sites) == {packed[0].removesuffix(".zip"): {}}
     if left_behind:
         assert any(name.endswith(left_behind) for name in left), left
+        # The restarted site swept what the dead run left half-written.
+        assert not any(name.endswith(left_behind) for name in debris(sites, site))
     if point == "deliver.after-handler":
         # The repeat is answered 409 by B, which holds the envelope already.
         assert "result=duplicate" in sites.a.log_text()
@@ -170,6 +172,8 @@ def test_crash_mid_open_opens_again_after_restart(sites, pacs, tmp_path):
     assert end_state(sites, pacs, study) == 0
     assert dead_jobs(sites) == 0
     assert any(name.endswith(".partial") for name in left), left
+    # The restarted site swept the dead run's half-extracted folder.
+    assert not any(name.endswith(".partial") for name in debris(sites, "b"))
 
 
 def test_crash_mid_forward_resends_at_most_the_instance_being_noted(

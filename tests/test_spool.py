@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,41 @@ def test_has_room_compares_free_space_with_both_watermarks(spool):
     assert spool.has_room(min_free_bytes=0, min_free_ratio=0.0)
     assert not spool.has_room(min_free_bytes=space.total_bytes + 1)
     assert not spool.has_room(min_free_ratio=1.0 + 1e-9)
+
+
+def test_sweep_interrupted_removes_old_partial_work_and_nothing_recorded(spool):
+    env_id = "0f8fad5b-d9cb-469f-a165-70867728950e"
+    root = spool.root
+    partial = [
+        spool.incoming / "rx.dcm",
+        root / "tmp" / "upload.part",
+        root / "outbox" / f".{env_id}.zip.k3j2.tmp",
+        root / "opened" / f".{env_id}.x8q1.partial",
+    ]
+    kept = [
+        spool.envelope_path("outbox", env_id),
+        spool.envelope_path("inbox", env_id),
+        spool.envelope_path("opened", env_id),
+        root / "opened" / f"{env_id}.progress",
+    ]
+    for path in partial[:3] + kept[:2]:
+        path.write_bytes(b"x")
+    for folder in (partial[3], *kept[2:]):
+        (folder / "dicom").mkdir(parents=True)
+        (folder / "dicom" / "a.dcm").write_bytes(b"x")
+    hour_ago = time.time() - 3600
+    for path in partial + kept:
+        os.utime(path, (hour_ago, hour_ago))
+    fresh = root / "outbox" / f".{env_id}.zip.fresh.tmp"
+    fresh.write_bytes(b"being written now")
+
+    assert spool.sweep_interrupted(older_than_seconds=60) == 4
+
+    assert [p for p in partial if p.exists()] == []
+    assert all(p.exists() for p in kept)
+    assert fresh.exists()
+    assert spool.sweep_interrupted(older_than_seconds=0) == 1
+    assert not fresh.exists()
 
 
 def test_sweep_incoming_removes_only_old_partial_files(spool):
