@@ -21,8 +21,8 @@ as JSON (default ``bench/results/latest.json``). Phases:
   ``--big-gb 0`` skip it).
 
 Times from inside the chain come from the bridges' own state stores: each job's
-creation and completion time (a job waits up to the worker poll interval, 0.25 s,
-before it is claimed, and that wait is counted in its stage).
+creation and completion time (the store tells an idle worker of a new job at
+once, so the stage counts the handler's work, not a poll).
 """
 
 from __future__ import annotations
