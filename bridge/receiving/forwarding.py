@@ -6,9 +6,9 @@ their reasons, and how many were delivered, so that a retry sends only what
 remains. The store records that payload only when a run ends; within a run,
 each instance's answer goes at once to the envelope's progress log for the
 destination (:mod:`bridge.receiving.progress`), which the next run reads first,
-so that after a crash only an instance whose success came but was not yet
-noted (a few microseconds) is sent twice. A run stops sending when its lease
-was lost (another owner has the job).
+so that after a crash only the instance in flight (sent, its answer not yet
+noted) is sent twice (README L-32). A run stops sending when its lease was
+lost (another owner has the job).
 
 When every instance that can be delivered is, the instances refused for good
 stay behind in the job, which goes to dead-letter with the reasons: an operator
