@@ -2,8 +2,8 @@
 
 A mixin of both stores' job classes. It relies on the store's ``_write``
 transaction, its ``_mark`` (the driver's parameter placeholder), the
-helpers that record a job's results: ``_enqueue``, ``_mark_seen``,
-``_put_envelope`` and ``_set_envelope_state``, and ``_job_due``
+helpers that record a job's results: ``_enqueue``, ``_mark_seen`` and
+``_put_envelope``, and ``_job_due``
 (``_signals``), told of a job made ready again now. Claiming differs between
 the two (SQLite's one writer, PostgreSQL's ``SKIP LOCKED``) and stays with each.
 """
@@ -17,6 +17,42 @@ class JobEndings:
     """Complete, retry, dead-letter or release a job its owner still holds."""
 
     _mark = "?"
+
+    def _set_envelope_state(
+        self,
+        conn,
+        envelope_id,
+        direction,
+        state,
+        reason="",
+        details=None,
+        path=None,
+        *,
+        size_bytes=None,
+        only_if=None,
+    ) -> bool:
+        """Update one envelope's state and the columns given, in ``conn``'s
+        transaction; with ``only_if``, only from that state. Returns True when
+        a row changed."""
+        m = self._mark
+        sets = [f"state = {m}", f"reason = {m}", f"updated_at = {m}"]
+        args: list = [state, reason, time.time()]
+        for column, value in (
+            ("details", None if details is None else dumps(details)),
+            ("path", path),
+            ("size_bytes", size_bytes),
+        ):
+            if value is not None:
+                sets.append(f"{column} = {m}")
+                args.append(value)
+        where = f"id = {m} AND direction = {m}"
+        args += [envelope_id, direction]
+        if only_if is not None:
+            where += f" AND state = {m}"
+            args.append(only_if)
+        # Every column and condition is fixed here; values go as parameters.
+        sql = f"UPDATE envelopes SET {', '.join(sets)} WHERE {where}"  # noqa: S608
+        return conn.execute(sql, args).rowcount == 1
 
     def _finish(
         self,

@@ -27,43 +27,6 @@ def filters(mark: str = "?", **columns) -> tuple[str, tuple]:
     return f"WHERE {where}", tuple(value for _, value in given)
 
 
-def envelope_update(
-    mark: str,
-    envelope_id: str,
-    direction: str,
-    state: str,
-    reason: str,
-    *,
-    details: str | None,
-    path: str | None,
-    size_bytes: int | None,
-    only_if: str | None,
-    now: float,
-) -> tuple[str, list]:
-    """Build the UPDATE of one envelope's state and the columns given.
-
-    ``details`` comes already serialised; ``only_if`` adds a condition on the
-    current state. ``mark`` is the driver's placeholder, as for :func:`filters`.
-    """
-    sets = [f"state = {mark}", f"reason = {mark}", f"updated_at = {mark}"]
-    args: list = [state, reason, now]
-    for column, value in (
-        ("details", details),
-        ("path", path),
-        ("size_bytes", size_bytes),
-    ):
-        if value is not None:
-            sets.append(f"{column} = {mark}")
-            args.append(value)
-    where = f"id = {mark} AND direction = {mark}"
-    args += [envelope_id, direction]
-    if only_if is not None:
-        where += f" AND state = {mark}"
-        args.append(only_if)
-    # Every column and condition is fixed here; values go as parameters.
-    return f"UPDATE envelopes SET {', '.join(sets)} WHERE {where}", args  # noqa: S608
-
-
 def study(row: Row) -> Study:
     return Study(
         ref=row["ref"],

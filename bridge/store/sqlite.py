@@ -384,34 +384,6 @@ class SQLiteStore(SQLiteJobs, Store):
                     self._enqueue(conn, job)
             return changed
 
-    @staticmethod
-    def _set_envelope_state(
-        conn,
-        envelope_id,
-        direction,
-        state,
-        reason="",
-        details=None,
-        path=None,
-        *,
-        size_bytes=None,
-        only_if=None,
-    ) -> bool:
-        sql, args = _rows.envelope_update(
-            "?",
-            envelope_id,
-            direction,
-            state,
-            reason,
-            details=None if details is None else dumps(details),
-            path=path,
-            size_bytes=size_bytes,
-            only_if=only_if,
-            now=time.time(),
-        )
-        cur = conn.execute(sql, args)
-        return cur.rowcount == 1
-
     def find_envelopes(
         self,
         *,
