@@ -594,7 +594,6 @@ class Bridge:
             max_pdu=dicom.max_pdu,
             tls=listener_tls(dicom.tls),
             commitment_callers=reporters,
-            sweep_incoming=False,  # done by start(), knowing who shares the spool
         )
         parts.listener = Listener(
             settings,

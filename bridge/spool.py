@@ -415,23 +415,6 @@ class Spool:
             raise SpoolError(f"spool path {rel!r}: expected a path inside the spool")
         return path
 
-    def sweep_incoming(self, older_than_seconds: float = 3600.0) -> int:
-        """Remove partial data sets left in ``incoming/`` by a crash; return count.
-
-        Only files older than ``older_than_seconds`` go, so that data sets
-        arriving right now are never touched.
-        """
-        limit = time.time() - older_than_seconds
-        removed = 0
-        for path in self.incoming.iterdir():
-            with contextlib.suppress(OSError):
-                if path.is_file() and path.stat().st_mtime < limit:
-                    path.unlink()
-                    removed += 1
-        if removed:
-            logger.warning("partial instances removed from spool count=%d", removed)
-        return removed
-
     def sweep_interrupted(self, older_than_seconds: float = 3600.0) -> int:
         """Remove what interrupted work left behind; return how many entries went.
 

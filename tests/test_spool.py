@@ -111,27 +111,20 @@ def test_sweep_interrupted_removes_old_partial_work_and_nothing_recorded(spool):
     hour_ago = time.time() - 3600
     for path in partial + kept:
         os.utime(path, (hour_ago, hour_ago))
-    fresh = root / "outbox" / f".{env_id}.zip.fresh.tmp"
-    fresh.write_bytes(b"being written now")
+    fresh = [
+        root / "outbox" / f".{env_id}.zip.fresh.tmp",
+        spool.incoming / "arriving.dcm",
+    ]
+    for path in fresh:
+        path.write_bytes(b"being written now")
 
     assert spool.sweep_interrupted(older_than_seconds=60) == 4
 
     assert [p for p in partial if p.exists()] == []
     assert all(p.exists() for p in kept)
-    assert fresh.exists()
-    assert spool.sweep_interrupted(older_than_seconds=0) == 1
-    assert not fresh.exists()
-
-
-def test_sweep_incoming_removes_only_old_partial_files(spool):
-    old = spool.incoming / "old.dcm"
-    new = spool.incoming / "new.dcm"
-    old.write_bytes(b"x")
-    new.write_bytes(b"y")
-    os.utime(old, (1, 1))
-    assert spool.sweep_incoming(older_than_seconds=60) == 1
-    assert not old.exists()
-    assert new.exists()
+    assert all(p.exists() for p in fresh)
+    assert spool.sweep_interrupted(older_than_seconds=0) == 2
+    assert not any(p.exists() for p in fresh)
 
 
 def _received(spool, chunks):

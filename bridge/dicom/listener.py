@@ -115,9 +115,7 @@ class ListenerSettings:
     TLS-only (PS3.15 B.9); a failed handshake is logged, and bounded by
     ``tls_handshake_timeout``. ``receive_buffer_bytes`` is the kernel's receive
     buffer of each association's socket (``SO_RCVBUF``; 0 leaves the system's
-    default and its autotuning). ``sweep_incoming`` removes every partial data
-    set from the spool's ``incoming/`` at start, for a listener alone on its
-    spool; the daemon turns it off and sweeps the spool itself, by its store.
+    default and its autotuning).
 
     ``commitment_callers`` are the PACS that may send storage commitment
     results (PS3.4 J.3.3), usually the forwarding destinations: they are let in
@@ -142,7 +140,6 @@ class ListenerSettings:
     tls_handshake_timeout: float = 10.0
     commitment_callers: tuple[AllowedCaller, ...] = ()
     receive_buffer_bytes: int = 4 << 20
-    sweep_incoming: bool = True
 
 
 @dataclass
@@ -281,8 +278,6 @@ class Listener:
         Raises OSError when the address cannot be bound.
         """
         self._configure_pynetdicom()
-        if self.spool is not None and self.settings.sweep_incoming:
-            self.spool.sweep_incoming(older_than_seconds=0)
         self._allowed = Callers(self.settings.allowed_callers)
         self._reporters = Callers(self.settings.commitment_callers)
         if self.ingest is not None and not self.settings.allowed_callers:

@@ -27,6 +27,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 
     spool = Spool(args.spool)
+    # Alone on its spool, as the daemon is on SQLite: a crash's leftovers go.
+    spool.sweep_interrupted(older_than_seconds=0)
     store = SQLiteStore(args.db)
     route = RouteRule(name="all", peers=("peer-a",), quiet_seconds=3600)
     ingest = Ingest(store, spool, [route], IngestSettings())
