@@ -146,10 +146,14 @@ class Intake:
     def is_known(self, envelope_id: str) -> bool:
         """Return True when an inbound envelope with this id was accepted, or is
         recorded in any state but quarantined (see the module docstring)."""
-        if self.store.is_seen(envelope_id):
-            return True
+        return self._lookup(envelope_id)[0]
+
+    def _lookup(self, envelope_id: str) -> tuple[bool, Envelope | None]:
+        """Return whether the id is known (see :meth:`is_known`) and its record."""
         env = self.store.get_envelope(envelope_id, "in")
-        return env is not None and env.state != QUARANTINED
+        if self.store.is_seen(envelope_id):
+            return True, env
+        return env is not None and env.state != QUARANTINED, env
 
     def accept(self, part: Path, checked: Checked, sender: InboundSender) -> bool:
         """Move ``part`` (a file in the spool) to ``inbox/<id>.zip`` and record it.
@@ -178,10 +182,10 @@ class Intake:
         )
 
         with self._lock:
-            if self.is_known(envelope_id):
+            known, quarantined = self._lookup(envelope_id)
+            if known:
                 self.refused("duplicate", sender.name)
                 return False
-            quarantined = self.store.get_envelope(envelope_id, "in")
             if quarantined is not None:
                 taken = self._supersede(quarantined, part, env, job)
             else:
