@@ -95,7 +95,10 @@ def delivery_rows(store: Store, refs: Iterable[str]) -> dict[str, list[dict]]:
 
 
 def delivery_text(envelopes: list[dict]) -> str:
-    """Return one line on where a study's envelopes are: ``site-b arrived (12)``."""
+    """Return one line on where a study's envelopes are.
+
+    For example ``site-b arrived (12 stored)``.
+    """
     parts = []
     for env in sorted(envelopes, key=lambda e: (e["peer"], e["id"])):
         text = f"{env['peer']} {env['state']}"
