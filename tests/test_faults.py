@@ -355,7 +355,14 @@ def _pg_settled(urls: dict[str, str]) -> bool:
 
 def _pg_end_state(urls: dict[str, str], pacs: Pacs, study: dict[str, Path]) -> int:
     """As ``end_state``, for sites on PostgreSQL; return the repeats."""
-    wait_until(lambda: _pg_settled(urls), 90, "both sites to settle")
+    # One forward done is not the end: an instance recorded but never answered
+    # (the store came back after the modality gave up) may go out first in an
+    # envelope of its own, the rest in a follow-up once its quiet period ends.
+    wait_until(
+        lambda: _pg_settled(urls) and set(study) <= set(pacs.received()),
+        90,
+        "every instance at the PACS and both sites settled",
+    )
     received = pacs.received()
     received.pop("", None)
     assert set(received) == set(study), "instances missing at the PACS"
